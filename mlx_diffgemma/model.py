@@ -1,0 +1,315 @@
+"""DiffusionGemma's text model: one stack of Gemma 4 MoE layers run two ways.
+
+``encode`` runs the layers causally over prompt (or committed canvas) tokens and
+appends their keys and values to the cache. ``denoise`` runs the same layers
+bidirectionally over a canvas, attending to the cache plus the canvas, and
+leaves the cache untouched. The weights exist once.
+"""
+
+import math
+from functools import partial
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.rope_utils import initialize_rope
+from mlx_lm.models.switch_layers import SwitchGLU
+
+from .cache import LayerCache, PromptCache
+from .config import ModelArgs
+
+
+@partial(mx.compile, shapeless=True)
+def geglu(gate: mx.array, up: mx.array) -> mx.array:
+    return nn.gelu_approx(gate) * up
+
+
+@partial(mx.compile, shapeless=True)
+def softcap(x: mx.array, cap: float) -> mx.array:
+    return mx.tanh(x / cap) * cap
+
+
+class GeGLU(nn.Module):
+    """SwitchGLU calls its activation as ``activation(up, gate)``."""
+
+    def __call__(self, up: mx.array, gate: mx.array) -> mx.array:
+        return geglu(gate, up)
+
+
+class RMSNormNoScale(nn.Module):
+    def __init__(self, eps: float):
+        super().__init__()
+        self.eps = eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return mx.fast.rms_norm(x, None, self.eps)
+
+
+class MLP(nn.Module):
+    def __init__(self, dims: int, hidden_dims: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dims, hidden_dims, bias=False)
+        self.up_proj = nn.Linear(dims, hidden_dims, bias=False)
+        self.down_proj = nn.Linear(hidden_dims, dims, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(geglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_idx: int):
+        super().__init__()
+        self.is_sliding = args.layer_types[layer_idx] == "sliding_attention"
+        self.n_heads = args.num_attention_heads
+        self.n_kv_heads = args.layer_kv_heads[layer_idx]
+        self.head_dim = args.layer_head_dims[layer_idx]
+        dims = args.hidden_size
+
+        self.q_proj = nn.Linear(dims, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(dims, self.n_kv_heads * self.head_dim, bias=False)
+        # Full-attention layers have no value projection: values are the raw
+        # key projection, normalised without scale and not rotated.
+        if self.is_sliding:
+            self.v_proj = nn.Linear(dims, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, dims, bias=False)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=args.rms_norm_eps)
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=args.rms_norm_eps)
+        self.v_norm = RMSNormNoScale(args.rms_norm_eps)
+
+        rope = args.rope_parameters[args.layer_types[layer_idx]]
+        self.rope = initialize_rope(
+            dims=self.head_dim,
+            base=rope["rope_theta"],
+            traditional=False,
+            scaling_config=rope,
+            max_position_embeddings=args.max_position_embeddings,
+        )
+
+    def __call__(
+        self, x: mx.array, cache: LayerCache, mask: Optional[mx.array], encoding: bool
+    ) -> mx.array:
+        B, L, _ = x.shape
+        queries = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, -1))
+        keys = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)
+        values = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1) if self.is_sliding else keys
+        keys = self.k_norm(keys)
+        values = self.v_norm(values)
+
+        queries = self.rope(queries.transpose(0, 2, 1, 3), offset=cache.offset)
+        keys = self.rope(keys.transpose(0, 2, 1, 3), offset=cache.offset)
+        values = values.transpose(0, 2, 1, 3)
+
+        if encoding:
+            keys, values = cache.append(keys, values)
+        else:
+            keys, values = cache.extend(keys, values)
+
+        # q/k norms take the place of the 1/sqrt(d) scale.
+        out = mx.fast.scaled_dot_product_attention(
+            queries, keys, values, scale=1.0, mask=mask
+        )
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class Router(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.proj = nn.Linear(args.hidden_size, args.num_experts, bias=False)
+        self.scale = mx.ones((args.hidden_size,))
+        self.per_expert_scale = mx.ones((args.num_experts,))
+        self.top_k = args.top_k_experts
+        self.eps = args.rms_norm_eps
+        self.root_size = args.hidden_size**-0.5
+
+    def __call__(self, x: mx.array):
+        x = mx.fast.rms_norm(x, None, self.eps) * self.scale * self.root_size
+        probs = mx.softmax(self.proj(x).astype(mx.float32), axis=-1)
+        top_k = mx.argpartition(-probs, kth=self.top_k - 1, axis=-1)[..., : self.top_k]
+        weights = mx.take_along_axis(probs, top_k, axis=-1)
+        weights = weights / weights.sum(axis=-1, keepdims=True)
+        return top_k, weights * self.per_expert_scale[top_k]
+
+
+class Experts(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.switch_glu = SwitchGLU(
+            args.hidden_size,
+            args.moe_intermediate_size,
+            args.num_experts,
+            activation=GeGLU(),
+            bias=False,
+        )
+
+    def __call__(self, x: mx.array, top_k: mx.array, weights: mx.array) -> mx.array:
+        y = self.switch_glu(x, top_k)
+        return (y * weights[..., None]).sum(axis=-2).astype(x.dtype)
+
+
+class Layer(nn.Module):
+    """Attention, then a dense GeGLU MLP and a MoE block side by side."""
+
+    def __init__(self, args: ModelArgs, layer_idx: int):
+        super().__init__()
+        dims, eps = args.hidden_size, args.rms_norm_eps
+        self.self_attn = Attention(args, layer_idx)
+        self.mlp = MLP(dims, args.intermediate_size)
+        self.router = Router(args)
+        self.experts = Experts(args)
+        self.input_layernorm = nn.RMSNorm(dims, eps=eps)
+        self.post_attention_layernorm = nn.RMSNorm(dims, eps=eps)
+        self.pre_feedforward_layernorm = nn.RMSNorm(dims, eps=eps)
+        self.post_feedforward_layernorm = nn.RMSNorm(dims, eps=eps)
+        self.pre_feedforward_layernorm_2 = nn.RMSNorm(dims, eps=eps)
+        self.post_feedforward_layernorm_1 = nn.RMSNorm(dims, eps=eps)
+        self.post_feedforward_layernorm_2 = nn.RMSNorm(dims, eps=eps)
+        # The checkpoint stores the encoder's and the decoder's scalar apart.
+        self.layer_scalar = mx.ones((1,))
+        self.encoder_layer_scalar = mx.ones((1,))
+
+    def __call__(
+        self, x: mx.array, cache: LayerCache, mask: Optional[mx.array], encoding: bool
+    ) -> mx.array:
+        h = x + self.post_attention_layernorm(
+            self.self_attn(self.input_layernorm(x), cache, mask, encoding)
+        )
+        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(h)))
+        # The router reads the raw residual, not a normed one.
+        top_k, weights = self.router(h)
+        sparse = self.experts(self.pre_feedforward_layernorm_2(h), top_k, weights)
+        sparse = self.post_feedforward_layernorm_2(sparse)
+        out = h + self.post_feedforward_layernorm(dense + sparse)
+        return out * (self.encoder_layer_scalar if encoding else self.layer_scalar)
+
+
+class SelfConditioning(MLP):
+    """Mixes the previous step's soft prediction into the canvas embeddings."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__(args.hidden_size, args.intermediate_size)
+        self.pre_norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_norm = RMSNormNoScale(args.rms_norm_eps)
+
+    def __call__(self, embeds: mx.array, soft: Optional[mx.array]) -> mx.array:
+        # With no signal (a canvas' first step) the MLP of zeros is exactly zero.
+        if soft is not None:
+            embeds = embeds + super().__call__(self.pre_norm(soft))
+        return self.post_norm(embeds)
+
+
+def _key_mask(
+    queries: mx.array, keys: mx.array, causal: bool, window: Optional[int],
+    left_padding: Optional[mx.array],
+) -> Optional[mx.array]:
+    """Boolean [B or 1, 1, L, K] mask from absolute query and key positions."""
+    q, k = queries[:, None], keys[None]
+    mask = None
+    if causal:
+        mask = k <= q
+        if window is not None:
+            mask = mask & (k > q - window)
+    if left_padding is not None:
+        visible = k[None] >= left_padding[:, None, None]
+        # A pad query sees itself, so its row is never empty (an empty row
+        # would turn into NaN and leak through later layers' values).
+        visible = visible | (k == q)[None]
+        mask = visible if mask is None else (mask[None] & visible)
+        mask = mask[:, None]
+    return mask
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [Layer(args, i) for i in range(args.num_hidden_layers)]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.self_conditioning = SelfConditioning(args)
+        self._sliding = [t == "sliding_attention" for t in args.layer_types]
+
+    @property
+    def canvas_length(self) -> int:
+        return self.args.canvas_length
+
+    def make_cache(self) -> PromptCache:
+        keep = self.args.sliding_window - 1
+        return PromptCache([LayerCache(keep if s else None) for s in self._sliding])
+
+    def _embed_scale(self, dtype) -> mx.array:
+        # The reference casts sqrt(hidden) to the weight dtype (53.0 in bf16).
+        return mx.array(math.sqrt(self.args.hidden_size), dtype=dtype)
+
+    def _embed(self, ids: mx.array) -> mx.array:
+        h = self.embed_tokens(ids)
+        return h * self._embed_scale(h.dtype)
+
+    def _masks(self, cache: PromptCache, length: int, causal: bool):
+        """One mask per layer type, built once per call."""
+        positions = mx.arange(cache.offset, cache.offset + length)
+        masks = {}
+        for sliding in (True, False):
+            if sliding not in self._sliding:
+                continue
+            c = cache[self._sliding.index(sliding)]
+            keys = mx.arange(c.start, cache.offset + length)
+            window = self.args.sliding_window if sliding else None
+            masks[sliding] = _key_mask(positions, keys, causal, window, cache.left_padding)
+        return masks
+
+    def _run_layers(self, h: mx.array, cache: PromptCache, encoding: bool) -> mx.array:
+        masks = self._masks(cache, h.shape[1], causal=encoding)
+        for layer, c, sliding in zip(self.layers, cache, self._sliding):
+            h = layer(h, c, masks[sliding], encoding)
+        return self.norm(h)
+
+    def encode(
+        self, input_ids: mx.array, cache: PromptCache, left_padding=None
+    ) -> mx.array:
+        """Append the tokens' keys and values to ``cache``; return final hidden states.
+
+        ``left_padding`` (per row pad count) is given with the first chunk of a
+        left-padded batch and then remembered by the cache.
+        """
+        if left_padding is not None:
+            cache.left_padding = mx.array(left_padding)
+        return self._run_layers(self._embed(input_ids), cache, encoding=True)
+
+    def soft_embedding(self, logits: mx.array) -> mx.array:
+        """Expected token embedding under softmax(logits), times the embed scale."""
+        e = self.embed_tokens
+        dtype = e.scales.dtype if isinstance(e, nn.QuantizedEmbedding) else e.weight.dtype
+        probs = mx.softmax(logits.astype(mx.float32), axis=-1).astype(dtype)
+        if isinstance(e, nn.QuantizedEmbedding):
+            soft = mx.quantized_matmul(
+                probs, e.weight, e.scales, e.get("biases"), transpose=False,
+                group_size=e.group_size, bits=e.bits, mode=e.mode,
+            )
+        else:
+            soft = probs @ e.weight
+        return soft * self._embed_scale(dtype)
+
+    def logits(self, hidden: mx.array) -> mx.array:
+        out = self.embed_tokens.as_linear(hidden).astype(mx.float32)
+        cap = self.args.final_logit_softcapping
+        return softcap(out, cap) if cap else out
+
+    def denoise(
+        self,
+        canvas: mx.array,
+        cache: PromptCache,
+        self_conditioning: Optional[mx.array] = None,
+    ) -> mx.array:
+        """Float32 logits [B, C, V] for ``canvas`` given the cache; the cache is unchanged.
+
+        ``self_conditioning`` is the previous step's processed logits, or None on
+        a canvas' first step.
+        """
+        h = self._embed(canvas)
+        soft = None if self_conditioning is None else self.soft_embedding(self_conditioning)
+        h = self.self_conditioning(h, soft)
+        return self.logits(self._run_layers(h, cache, encoding=False))
+
+    @property
+    def dtype(self):
+        return self.norm.weight.dtype

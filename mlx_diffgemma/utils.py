@@ -1,0 +1,227 @@
+"""Finding, reading and checking checkpoints."""
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .config import ConfigError, ModelArgs
+from .model import Model
+
+logger = logging.getLogger("mlx_diffgemma")
+
+DEFAULT_MODEL = "google/diffusiongemma-26B-A4B-it"
+
+_HUB_PATTERNS = [
+    "*.json",
+    "*.safetensors",
+    "*.jinja",
+    "tokenizer.model",
+]
+
+
+class LoadError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file or tensor."""
+
+
+def get_model_path(path_or_repo: str, revision: Optional[str] = None) -> Path:
+    """A local directory as is, or a Hub repo downloaded with huggingface_hub."""
+    path = Path(path_or_repo).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise LoadError(f"{path}: not a model directory")
+        return path
+    # A Hub id is "owner/name"; anything else that does not exist is a bad path.
+    if path_or_repo.startswith((".", "/", "~")) or path_or_repo.count("/") != 1:
+        raise LoadError(f"{path_or_repo}: no such model directory")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(path_or_repo, revision=revision, allow_patterns=_HUB_PATTERNS)
+        )
+    except Exception as e:  # network, auth, missing repo: one line for the user
+        raise LoadError(f"{path_or_repo}: cannot download from the Hub ({type(e).__name__}: {e})".splitlines()[0]) from e
+
+
+def load_config(model_path: Path) -> dict:
+    config_file = model_path / "config.json"
+    if not config_file.exists():
+        raise LoadError(f"{config_file}: missing")
+    try:
+        return json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise LoadError(f"{config_file}: not valid JSON ({e})") from e
+
+
+def _shard_files(model_path: Path) -> list:
+    index_file = model_path / "model.safetensors.index.json"
+    if index_file.exists():
+        try:
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise LoadError(f"{index_file}: not a safetensors index ({e})") from e
+        shards = [model_path / name for name in sorted(set(weight_map.values()))]
+        for shard in shards:
+            if not shard.exists():
+                raise LoadError(f"{shard}: missing (listed in {index_file.name})")
+        return shards
+    shards = sorted(model_path.glob("*.safetensors"))
+    if not shards:
+        raise LoadError(f"{model_path}: no *.safetensors weights")
+    return shards
+
+
+def load_safetensors(model_path: Path) -> Dict[str, mx.array]:
+    """All tensors of a checkpoint, lazily (nothing is read before it is used)."""
+    weights = {}
+    for shard in _shard_files(model_path):
+        try:
+            weights.update(mx.load(str(shard)))
+        except Exception as e:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise LoadError(f"{shard}: cannot read ({msg})") from e
+    return weights
+
+
+_DECODER = "model.decoder."
+_ENCODER_SCALAR = re.compile(r"model\.encoder\.language_model\.layers\.(\d+)\.layer_scalar$")
+_VISION = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
+
+
+def sanitize(weights: Dict[str, mx.array]) -> Tuple[Dict[str, mx.array], Dict[str, str]]:
+    """Map Hugging Face tensor names to ours.
+
+    Returns the renamed tensors and, for error messages, each new name's
+    original. Names already in our layout (converted checkpoints) pass through.
+    """
+    out, origin = {}, {}
+    skipped_vision = 0
+
+    def put(name, value, original):
+        out[name] = value
+        origin[name] = original
+
+    for name, value in weights.items():
+        if name.startswith(_VISION):
+            skipped_vision += 1
+            continue
+        if name == "lm_head.weight":
+            continue  # tied to the embedding
+        m = _ENCODER_SCALAR.match(name)
+        if m:
+            put(f"layers.{m.group(1)}.encoder_layer_scalar", value, name)
+            continue
+        key = name[len(_DECODER):] if name.startswith(_DECODER) else name
+        if key.endswith(".experts.gate_up_proj"):
+            base = key[: -len("gate_up_proj")] + "switch_glu."
+            # Rows [0, I) are the gate, [I, 2I) the up projection.
+            gate, up = mx.split(value, 2, axis=-2)
+            put(base + "gate_proj.weight", gate, name)
+            put(base + "up_proj.weight", up, name)
+        elif key.endswith(".experts.down_proj"):
+            put(key[: -len("down_proj")] + "switch_glu.down_proj.weight", value, name)
+        else:
+            put(key, value, name)
+    if skipped_vision:
+        logger.info("Skipped %d vision-tower tensors (text-only model).", skipped_vision)
+    return out, origin
+
+
+def _quantize(model: Model, quantization: dict, weights: Dict[str, mx.array]):
+    """Quantize the modules a converted checkpoint stores quantized (mlx-lm's format)."""
+    defaults = {k: quantization[k] for k in ("group_size", "bits", "mode") if k in quantization}
+
+    def predicate(path, module):
+        override = quantization.get(path)
+        if isinstance(override, dict):
+            return override
+        if override is False:
+            return False
+        return hasattr(module, "to_quantized") and f"{path}.scales" in weights
+
+    nn.quantize(model, **defaults, class_predicate=predicate)
+
+
+def check_weights(model: Model, weights: Dict[str, mx.array], origin: Dict[str, str]):
+    """Every parameter present with its shape, and nothing unknown."""
+    expected = dict(tree_flatten(model.parameters()))
+    for name, value in weights.items():
+        if name not in expected:
+            raise LoadError(f"unexpected tensor {origin.get(name, name)} in checkpoint")
+        if tuple(value.shape) != tuple(expected[name].shape):
+            raise LoadError(
+                f"tensor {origin.get(name, name)} has shape {list(value.shape)}, "
+                f"expected {list(expected[name].shape)}"
+            )
+    missing = [k for k in expected if k not in weights]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise LoadError(f"missing tensor {missing[0]}{more} in checkpoint")
+
+
+def _upcast_experts_on_cpu(model: Model):
+    """MLX's CPU backend has gather_mm for float32 only; Metal runs any float.
+
+    Unquantized bf16/fp16 experts are cast once here, on CPU only, rather than
+    on every step.
+    """
+    if mx.default_device().type != mx.DeviceType.cpu:
+        return
+    for layer in model.layers:
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            linear = getattr(layer.experts.switch_glu, proj)
+            if "scales" not in linear and linear.weight.dtype != mx.float32:
+                linear.weight = linear.weight.astype(mx.float32)
+
+
+def load_model(model_path: Path, lazy: bool = False) -> Model:
+    config = load_config(model_path)
+    try:
+        args = ModelArgs.from_dict(config, source=str(model_path / "config.json"))
+    except ConfigError as e:
+        raise LoadError(str(e)) from e
+    weights, origin = sanitize(load_safetensors(model_path))
+    model = Model(args)
+    if "quantization" in config:
+        _quantize(model, config["quantization"], weights)
+    check_weights(model, weights, origin)
+    model.load_weights(list(weights.items()), strict=True)
+    _upcast_experts_on_cpu(model)
+    if not lazy:
+        try:
+            mx.eval(model.parameters())
+        except Exception as e:
+            raise LoadError(f"{model_path}: cannot read weights ({str(e).splitlines()[0]})") from e
+    model.eval()
+    model.generation_config = _load_generation_config(model_path)
+    return model
+
+
+def _load_generation_config(model_path: Path) -> dict:
+    path = model_path / "generation_config.json"
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise LoadError(f"{path}: not valid JSON ({e})") from e
+
+
+def load(path_or_repo: str = DEFAULT_MODEL, revision: Optional[str] = None, lazy: bool = False):
+    """Load a DiffusionGemma checkpoint: ``model, tokenizer = load(path_or_repo)``.
+
+    ``tokenizer`` is None when the checkpoint carries no tokenizer files.
+    """
+    model_path = get_model_path(path_or_repo, revision)
+    model = load_model(model_path, lazy=lazy)
+    from .tokenizer import load_tokenizer
+
+    eos = model.generation_config.get("eos_token_id", model.args.eos_token_id)
+    tokenizer = load_tokenizer(model_path, eos_token_ids=eos if isinstance(eos, list) else [eos])
+    return model, tokenizer

@@ -1,0 +1,180 @@
+"""Config reading, checkpoint layouts, and clear errors for bad checkpoints."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from mlx_diffgemma import load
+from mlx_diffgemma.config import ConfigError, ModelArgs
+from mlx_diffgemma.utils import LoadError, load_model
+from reference import build_reference
+
+RELEASED = Path(__file__).parents[2] / "shared/reference/diffusiongemma-26B-A4B-it"
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    """A tiny checkpoint in several shards with an index, like the release."""
+    path = tmp_path_factory.mktemp("sharded")
+    ref = build_reference(path / "src")
+    ref.save_pretrained(path / "ckpt", max_shard_size="1MB")
+    assert len(list((path / "ckpt").glob("*.safetensors"))) > 1
+    return path / "ckpt"
+
+
+def copy_of(src: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "copy"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def shard_holding(path: Path, tensor: str) -> Path:
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    return path / index["weight_map"][tensor]
+
+
+def error_of(path) -> str:
+    with pytest.raises(LoadError) as e:
+        load(str(path))
+    message = str(e.value)
+    assert "\n" not in message
+    return message
+
+
+def test_sharded_checkpoint_loads_without_tokenizer(sharded):
+    model, tokenizer = load(str(sharded))
+    assert tokenizer is None
+    assert len(model.layers) == 5
+    assert "max_denoising_steps" in model.generation_config  # transformers writes it
+
+
+def test_released_config():
+    config = json.loads((RELEASED / "config.json").read_text())
+    args = ModelArgs.from_dict(config)
+    full = [i for i, t in enumerate(args.layer_types) if t == "full_attention"]
+    assert full == [5, 11, 17, 23, 29]
+    assert [args.layer_head_dims[i] for i in (0, 5)] == [256, 512]
+    assert [args.layer_kv_heads[i] for i in (0, 5)] == [8, 2]
+    assert args.sliding_window == 1024 and args.canvas_length == 256
+    assert args.num_experts == 128 and args.top_k_experts == 8
+
+
+def test_both_config_forms_agree():
+    config = json.loads((RELEASED / "config.json").read_text())
+    text = dict(config["text_config"])
+    gd, gkv = text.pop("global_head_dim"), text.pop("num_global_key_value_heads")
+    text["per_layer_config"] = {
+        str(i): {"head_dim": gd, "num_key_value_heads": gkv}
+        for i, t in enumerate(text["layer_types"])
+        if t == "full_attention"
+    }
+    assert ModelArgs.from_dict(dict(config, text_config=text)) == ModelArgs.from_dict(config)
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        (lambda c: c.update(model_type="gemma4"), "model_type is 'gemma4'"),
+        (lambda c: c.pop("text_config"), "text_config"),
+        (lambda c: c["text_config"].pop("num_experts"), "num_experts"),
+        (lambda c: c["text_config"].update(num_key_value_heads=3), "KV heads"),
+    ],
+)
+def test_bad_configs(change, words):
+    config = json.loads((RELEASED / "config.json").read_text())
+    change(config)
+    with pytest.raises(ConfigError, match=words):
+        ModelArgs.from_dict(config)
+
+
+def test_missing_config(sharded, tmp_path):
+    path = copy_of(sharded, tmp_path)
+    (path / "config.json").unlink()
+    assert "config.json: missing" in error_of(path)
+
+
+def test_not_diffusion_gemma(sharded, tmp_path):
+    path = copy_of(sharded, tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    config["model_type"] = "gemma4"
+    (path / "config.json").write_text(json.dumps(config))
+    assert "model_type is 'gemma4'" in error_of(path)
+
+
+def test_nonexistent_path(tmp_path):
+    assert "no such model directory" in error_of(tmp_path / "nothing-here")
+
+
+def test_missing_shard(sharded, tmp_path):
+    path = copy_of(sharded, tmp_path)
+    shard = shard_holding(path, "model.decoder.norm.weight")
+    shard.unlink()
+    message = error_of(path)
+    assert shard.name in message and "missing" in message
+
+
+def test_truncated_shard(sharded, tmp_path):
+    path = copy_of(sharded, tmp_path)
+    shard = shard_holding(path, "model.decoder.embed_tokens.weight")
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    assert shard.name in error_of(path)
+
+
+def rewrite(path: Path, tensor: str, edit):
+    shard = shard_holding(path, tensor)
+    tensors = load_file(shard)
+    edit(tensors)
+    save_file(tensors, shard, metadata={"format": "pt"})
+
+
+def test_wrong_shape(sharded, tmp_path):
+    path = copy_of(sharded, tmp_path)
+    name = "model.decoder.layers.3.mlp.gate_proj.weight"
+    rewrite(path, name, lambda t: t.update({name: np.zeros((95, 64), np.float32)}))
+    message = error_of(path)
+    assert name in message and "[95, 64]" in message and "[96, 64]" in message
+
+
+def test_wrong_expert_shape(sharded, tmp_path):
+    path = copy_of(sharded, tmp_path)
+    name = "model.decoder.layers.1.experts.gate_up_proj"
+    rewrite(path, name, lambda t: t.update({name: np.zeros((8, 46, 64), np.float32)}))
+    assert name in error_of(path)
+
+
+def test_missing_tensor(sharded, tmp_path):
+    path = copy_of(sharded, tmp_path)
+    name = "model.decoder.layers.2.self_attn.k_norm.weight"
+    rewrite(path, name, lambda t: t.pop(name))
+    # The index still lists it; the shard no longer holds it.
+    message = error_of(path)
+    assert "missing tensor" in message and "layers.2.self_attn.k_norm.weight" in message
+
+
+def test_unknown_tensor(sharded, tmp_path):
+    path = copy_of(sharded, tmp_path)
+    name = "model.decoder.norm.weight"
+    rewrite(path, name, lambda t: t.update({"model.decoder.extra.weight": np.ones(3, np.float32)}))
+    message = error_of(path)
+    assert "unexpected tensor model.decoder.extra.weight" in message
+
+
+def test_value_projection_on_a_full_layer_is_unknown(sharded, tmp_path):
+    """Full layers have no v_proj; a checkpoint that has one is not this model."""
+    path = copy_of(sharded, tmp_path)
+    name = "model.decoder.norm.weight"
+    extra = "model.decoder.layers.2.self_attn.v_proj.weight"
+    rewrite(path, name, lambda t: t.update({extra: np.ones((32, 64), np.float32)}))
+    assert extra in error_of(path)
+
+
+def test_vision_tower_is_skipped(sharded):
+    # The tiny checkpoint carries a vision tower; loading succeeds without it.
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    assert any("vision_tower" in k for k in index["weight_map"])
+    load_model(sharded)
