@@ -1,0 +1,197 @@
+"""The per-step math of DiffusionGemma's entropy-bounded denoising sampler.
+
+One canvas is denoised over steps k = N, N-1, ..., 1 (k counts the steps that
+remain). Each step the decoder's logits are divided by a temperature that falls
+linearly with k, a token is sampled per position, the lowest-entropy positions
+whose summed entropy stays under a bound are accepted, and every other position
+is re-drawn uniformly from the vocabulary. The canvas stops early once its argmax
+is stable across steps and its mean entropy is low.
+
+Everything here is a plain function on `mx.array`s: no token loops and no host
+syncs, so a step can stay lazy (or be compiled) end to end. Randomness comes
+only from explicit keys; split one seeded key per generate call.
+
+Tokens are int32 throughout: MLX's categorical/argmax return uint32, and mixing
+the two would promote comparisons and `where`s to int64.
+"""
+
+from typing import NamedTuple, Sequence, Tuple, Union
+
+import mlx.core as mx
+
+TOKEN_DTYPE = mx.int32
+
+
+def temperature(
+    step: int, max_denoising_steps: int, t_min: float, t_max: float
+) -> float:
+    """Temperature at `step` (N at the first step, 1 at the last).
+
+    Linear in the remaining steps: t_max at step N, falling towards t_min.
+    """
+    return t_min + (t_max - t_min) * step / max_denoising_steps
+
+
+def token_entropy(processed_logits: mx.array) -> mx.array:
+    """Entropy (nats) of softmax(processed_logits) over the vocabulary, float32.
+
+    Computed as -sum(p * log p): every term is <= 0, so the result is never
+    negative and a very peaked row gives an exact 0, where the equivalent
+    `logsumexp(x) - sum(p * x)` cancels. Shifting by the max before taking the
+    log-normaliser keeps log p free of the rounding of a large logsumexp
+    (logits reach ~75 after softcapping at 30 and dividing by t = 0.4), which
+    matters for the small entropies the accept and stop rules look at.
+    """
+    logits = processed_logits.astype(mx.float32)
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    log_probs = shifted - mx.log(mx.exp(shifted).sum(axis=-1, keepdims=True))
+    # A -inf logit has p = 0 and log p = -inf; 0 * -inf would be NaN.
+    log_probs = mx.maximum(log_probs, mx.finfo(mx.float32).min)
+    return -(mx.exp(log_probs) * log_probs).sum(axis=-1)
+
+
+def entropy_bound_accept(entropy: mx.array, entropy_bound: float) -> mx.array:
+    """Which positions to accept this step, as a bool mask shaped like `entropy`.
+
+    Positions are taken in order of increasing entropy while the entropy summed
+    over the positions taken *before* the current one stays <= entropy_bound.
+    (The reference writes this as sum(H_1..H_k) - max(H_1..H_k) <= bound: an
+    upper bound on the mutual information among the accepted tokens.) So the
+    lowest-entropy position is always accepted when the bound is >= 0 and each
+    step makes progress, and the last accepted position may itself have a
+    large entropy.
+
+    Ties: a run of equal entropies h > 0 can straddle the bound, in which case
+    only the first few of them are accepted. MLX's argsort is stable, so ties go
+    to the lower position index. The reference uses torch.sort(stable=False),
+    whose order among ties is implementation defined (not stable on CPU for
+    rows of 64 or more), so it may pick different members of such a run; the
+    number accepted and their entropies agree.
+
+    The prefix sum is computed as an exclusive cumsum rather than the
+    reference's `cumsum(H) - H`: equal in exact arithmetic, but it avoids
+    cancellation and is monotone, so the accepted set is always a prefix of the
+    sorted order.
+    """
+    order = mx.argsort(entropy, axis=-1)
+    sorted_entropy = mx.take_along_axis(entropy, order, axis=-1)
+    entropy_before = mx.cumsum(sorted_entropy, axis=-1, inclusive=False)
+    accept_sorted = entropy_before <= entropy_bound
+    return mx.put_along_axis(
+        mx.zeros(entropy.shape, dtype=mx.bool_), order, accept_sorted, axis=-1
+    )
+
+
+def sample_tokens(processed_logits: mx.array, key: mx.array) -> mx.array:
+    """One token per position from softmax(processed_logits)."""
+    return mx.random.categorical(processed_logits, axis=-1, key=key).astype(
+        TOKEN_DTYPE
+    )
+
+
+def argmax_tokens(processed_logits: mx.array) -> mx.array:
+    """Most likely token per position (first index on ties, as torch.argmax)."""
+    return mx.argmax(processed_logits, axis=-1).astype(TOKEN_DTYPE)
+
+
+def initial_canvas(
+    key: mx.array, batch: int, canvas_length: int, vocab_size: int
+) -> mx.array:
+    """A canvas of token ids drawn uniformly from [0, vocab_size)."""
+    return mx.random.randint(
+        0, vocab_size, (batch, canvas_length), dtype=TOKEN_DTYPE, key=key
+    )
+
+
+def renoise(
+    canvas: mx.array, keep: mx.array, vocab_size: int, key: mx.array
+) -> mx.array:
+    """Re-draw every position not in `keep` uniformly from the vocabulary."""
+    noise = initial_canvas(key, canvas.shape[0], canvas.shape[1], vocab_size)
+    return mx.where(keep, canvas, noise)
+
+
+class DenoiseStep(NamedTuple):
+    next_canvas: mx.array  # [B, C] decoder input for the next step
+    argmax_canvas: mx.array  # [B, C] what gets committed if the canvas stops here
+    entropy: mx.array  # [B, C] float32, reused by the stop check
+    accepted: mx.array  # [B, C] bool
+
+
+def denoise_step_update(
+    processed_logits: mx.array, entropy_bound: float, key: mx.array
+) -> DenoiseStep:
+    """Turn one step's temperature-scaled logits [B, C, V] into the next canvas.
+
+    The reference first puts the sampled tokens into the current canvas at the
+    accepted positions and then renoises every other position, so the current
+    canvas never survives into the next one: accepted positions hold the sample,
+    all others fresh uniform noise. Hence no `current_canvas` argument. Accepted
+    positions are not frozen; the next step may change them again.
+    """
+    sample_key, noise_key = mx.random.split(key)
+    entropy = token_entropy(processed_logits)
+    accepted = entropy_bound_accept(entropy, entropy_bound)
+    sampled = sample_tokens(processed_logits, sample_key)
+    next_canvas = renoise(sampled, accepted, processed_logits.shape[-1], noise_key)
+    return DenoiseStep(next_canvas, argmax_tokens(processed_logits), entropy, accepted)
+
+
+def hold_finished_rows(
+    finished: mx.array, previous: mx.array, updated: mx.array
+) -> mx.array:
+    """Rows of `updated`, except finished rows keep `previous`.
+
+    In a batch, a row that already stopped keeps its canvas, argmax canvas and
+    self-conditioning logits while the other rows go on denoising. Works for
+    [B, C] canvases and [B, C, V] logits alike.
+    """
+    finished = finished.reshape(finished.shape + (1,) * (updated.ndim - 1))
+    return mx.where(finished, previous, updated)
+
+
+def empty_argmax_history(
+    stability_threshold: int, batch: int, canvas_length: int
+) -> mx.array:
+    """The stop check's history at the start of a canvas: [S, B, C] of -1.
+
+    -1 is never a token, so no canvas matches it and the first S steps cannot
+    count as stable. S = 0 gives an empty history: always stable.
+    """
+    return mx.full((stability_threshold, batch, canvas_length), -1, dtype=TOKEN_DTYPE)
+
+
+def stable_and_confident(
+    argmax_canvas: mx.array,
+    history: mx.array,
+    entropy: mx.array,
+    confidence_threshold: float,
+) -> Tuple[mx.array, mx.array]:
+    """Whether each row may stop denoising, and the history for the next step.
+
+    Stable: `argmax_canvas` equals each of the last S argmax canvases held in
+    `history` ([S, B, C], oldest first; see `empty_argmax_history`).
+    Confident: the mean entropy over the canvas is below `confidence_threshold`.
+    Returns (stop [B] bool, history with `argmax_canvas` appended and the oldest
+    entry dropped). Rows that already stopped should pass their held argmax
+    canvas (see `hold_finished_rows`), as the reference does.
+    """
+    # all() over an empty S axis is True, which is exactly "S = 0: always stable".
+    stable = (history == argmax_canvas[None]).all(axis=-1).all(axis=0)
+    confident = entropy.mean(axis=-1) < confidence_threshold
+    history = mx.concatenate([history, argmax_canvas[None]], axis=0)[1:]
+    return stable & confident, history
+
+
+def truncate_after_eos(
+    tokens: mx.array, eos_ids: Union[int, Sequence[int]], pad_id: int
+) -> mx.array:
+    """Per row, keep tokens up to and including the first EOS; pad the rest.
+
+    Rows without an EOS are unchanged. `eos_ids` may list several end ids.
+    """
+    if isinstance(eos_ids, int):
+        eos_ids = [eos_ids]
+    is_eos = (tokens[..., None] == mx.array(eos_ids, dtype=tokens.dtype)).any(axis=-1)
+    eos_before = mx.cumsum(is_eos.astype(mx.int32), axis=-1, inclusive=False)
+    return mx.where(eos_before > 0, mx.array(pad_id, dtype=tokens.dtype), tokens)

@@ -1,0 +1,271 @@
+"""Tokenizer loading, streaming detokenization and thought/answer splitting.
+
+The tokenizer is mlx-lm's `TokenizerWrapper` built from the checkpoint's own files
+(tokenizer.json / tokenizer.model, tokenizer_config.json, chat_template.jinja), offline.
+
+Two deliberate differences from a plain `mlx_lm.tokenizer_utils.load`:
+
+- `apply_chat_template` defaults to ``enable_thinking=False``. mlx-lm defaults the
+  thinking switch to ``has_thinking``, which is True for any vocabulary holding
+  `<|channel>`/`<channel|>`, so it would turn Gemma 4's thinking on by default; the
+  model's documented default is thinking off. Pass ``enable_thinking=True`` to think.
+- For Gemma's SPM-style decoder (Replace("▁", " ") + ByteFallback + Fuse) the streaming
+  detokenizer is `GemmaStreamingDetokenizer`, which reproduces `tokenizer.decode`
+  exactly, also for invalid byte-fallback sequences (mlx-lm's SPMStreamingDetokenizer
+  decodes those with Python's "replace", giving fewer U+FFFD than the tokenizers
+  library, and turns bytes spelling "▁" into spaces).
+
+Both keep special tokens: like `tokenizer.decode` (``skip_special_tokens=False`` by
+default), they map every id to its token text, so `<|tool_call>`, `<|channel>`,
+`<turn|>`... stay in the raw output. Tool calls and thoughts are parsed from that text.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, List, Optional, Tuple, Union
+
+from mlx_lm.tokenizer_utils import (
+    SPMStreamingDetokenizer,
+    StreamingDetokenizer,
+    TokenizerWrapper,
+)
+from mlx_lm.tokenizer_utils import load as _mlx_lm_load
+
+__all__ = [
+    "DiffGemmaTokenizerWrapper",
+    "GemmaStreamingDetokenizer",
+    "load_tokenizer",
+    "read_eos_token_ids",
+    "split_thinking",
+    "THOUGHT_START",
+    "THOUGHT_END",
+    "END_OF_TURN",
+]
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+
+CHANNEL_START = "<|channel>"
+CHANNEL_END = "<channel|>"
+THOUGHT_START = "<|channel>thought\n"
+THOUGHT_END = CHANNEL_END
+END_OF_TURN = "<turn|>"
+_END_MARKERS = (END_OF_TURN, "<eos>")
+
+
+class GemmaStreamingDetokenizer(StreamingDetokenizer):
+    """Streaming detokenizer for Gemma's decoder: Replace("▁", " "), ByteFallback, Fuse.
+
+    Emits exactly what `tokenizer.decode(tokens)` gives (with special tokens kept):
+    text pieces are appended as soon as they arrive; a run of byte tokens (`<0xNN>`)
+    is held until the run ends and then decoded as a whole, or, when that run is not
+    valid UTF-8, replaced by one U+FFFD per byte, as the tokenizers library does.
+    Ids outside the vocabulary decode to nothing, as in `tokenizer.decode`.
+    """
+
+    def __init__(self, tokenizer, trim_space: bool = False, tokenmap=None):
+        super().__init__()
+        self.trim_space = trim_space
+        if tokenmap is None:
+            tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+            tokenmap = [_token_entry(t) for t in tokens]
+        # Per id: an int (a byte token's value), the text of the piece, or None.
+        self.tokenmap = tokenmap
+        self.reset()
+
+    def reset(self):
+        self.offset = 0
+        self.text = ""
+        self.tokens = []
+        self._bytes = bytearray()
+
+    def _append(self, piece: str):
+        if self.trim_space and not self.text and piece.startswith(" "):
+            piece = piece[1:]
+        self.text += piece
+
+    def _flush_bytes(self):
+        if not self._bytes:
+            return
+        try:
+            piece = self._bytes.decode("utf-8")
+        except UnicodeDecodeError:
+            piece = "\ufffd" * len(self._bytes)
+        self._bytes = bytearray()
+        self._append(piece)
+
+    def add_token(self, token):
+        self.tokens.append(token)
+        v = self.tokenmap[token] if 0 <= token < len(self.tokenmap) else None
+        if v is None:
+            return  # decode() drops unknown ids without breaking a byte run
+        if isinstance(v, int):
+            self._bytes.append(v)
+            return
+        self._flush_bytes()
+        self._append(v)
+
+    def finalize(self):
+        self._flush_bytes()
+
+
+def _token_entry(token: Optional[str]) -> Union[int, str, None]:
+    if token is None:
+        return None
+    # The tokenizers ByteFallback decoder's own test for a byte token.
+    if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+        try:
+            return int(token[3:5], 16)
+        except ValueError:
+            pass
+    return token.replace("\u2581", " ")
+
+
+class DiffGemmaTokenizerWrapper(TokenizerWrapper):
+    """mlx-lm's TokenizerWrapper with Gemma 4's default of thinking off."""
+
+    def apply_chat_template(self, *args, **kwargs):
+        kwargs.setdefault("enable_thinking", False)
+        return super().apply_chat_template(*args, **kwargs)
+
+
+def has_tokenizer_files(model_path: Union[str, Path]) -> bool:
+    model_path = Path(model_path)
+    return any((model_path / f).is_file() for f in TOKENIZER_FILES)
+
+
+def read_eos_token_ids(model_path: Union[str, Path]) -> Optional[List[int]]:
+    """`eos_token_id` of the checkpoint's generation_config.json (else config.json),
+    as a list, or None when neither names one."""
+    model_path = Path(model_path)
+    for name in ("generation_config.json", "config.json"):
+        f = model_path / name
+        if not f.is_file():
+            continue
+        try:
+            eos = json.loads(f.read_text(encoding="utf-8")).get("eos_token_id")
+        except (json.JSONDecodeError, OSError, AttributeError):
+            continue
+        if eos is None:
+            continue
+        return [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
+    return None
+
+
+def _legacy_chat_template(model_path: Path) -> Optional[str]:
+    """A template only found in a processor-style chat_template.json, which the
+    tokenizer does not read by itself."""
+    if (model_path / "chat_template.jinja").is_file():
+        return None
+    cfg = model_path / "tokenizer_config.json"
+    if cfg.is_file():
+        try:
+            if json.loads(cfg.read_text(encoding="utf-8")).get("chat_template"):
+                return None
+        except (json.JSONDecodeError, OSError):
+            pass
+    f = model_path / "chat_template.json"
+    if f.is_file():
+        try:
+            template = json.loads(f.read_text(encoding="utf-8")).get("chat_template")
+        except (json.JSONDecodeError, OSError):
+            return None
+        if isinstance(template, str) and template:
+            return template
+    return None
+
+
+def load_tokenizer(
+    model_path: Union[str, Path], eos_token_ids: Optional[Iterable[int]] = None
+) -> Optional[TokenizerWrapper]:
+    """Build mlx-lm's TokenizerWrapper from the tokenizer files in `model_path`.
+
+    Returns None when the directory holds neither tokenizer.json nor tokenizer.model.
+    `eos_token_ids` default to the checkpoint's generation_config.json (`[1, 106, 50]`
+    for the released model); the tokenizer's own `<eos>` is always added by mlx-lm.
+    Works offline: only local files are read.
+    """
+    model_path = Path(model_path)
+    if not model_path.is_dir() or not has_tokenizer_files(model_path):
+        return None
+    if eos_token_ids is None:
+        eos_token_ids = read_eos_token_ids(model_path)
+    elif isinstance(eos_token_ids, int):
+        eos_token_ids = [eos_token_ids]
+    else:
+        eos_token_ids = [int(e) for e in eos_token_ids]
+
+    extra = {"local_files_only": True}
+    template = _legacy_chat_template(model_path)
+    if template is not None:
+        extra["chat_template"] = template
+    wrapper = _mlx_lm_load(model_path, tokenizer_config_extra=extra, eos_token_ids=eos_token_ids)
+
+    old = wrapper._detokenizer
+    if isinstance(old, SPMStreamingDetokenizer):
+        # Gemma's decoder; mlx-lm picked its SPM detokenizer. Use the exact one.
+        wrapper._detokenizer = GemmaStreamingDetokenizer(
+            wrapper._tokenizer, trim_space=old.trim_space
+        )
+    wrapper.__class__ = DiffGemmaTokenizerWrapper
+    return wrapper
+
+
+def split_thinking(text: str) -> Tuple[Optional[str], str]:
+    """Split generated text into (thought, answer).
+
+    - ``"<|channel>thought\\n...<channel|>answer"`` -> ``("...", "answer")``;
+      several thought blocks (e.g. around tool calls) are joined with a newline and
+      removed from the answer;
+    - an empty channel gives ``("", answer)``;
+    - an unclosed channel (still thinking) makes everything after it thought;
+    - a closing `<channel|>` with no opening one (text generated after a prompt that
+      already opened the channel) makes everything before it thought;
+    - no channel at all gives ``(None, text)``.
+    The answer is cut at the first end-of-turn marker (`<turn|>` or `<eos>`) and
+    stripped of surrounding whitespace; so is each thought.
+    """
+    for marker in _END_MARKERS:
+        cut = text.find(marker)
+        if cut >= 0:
+            text = text[:cut]
+
+    thoughts: List[str] = []
+    answer_parts: List[str] = []
+    rest = text
+    first = True
+    while True:
+        start = rest.find(CHANNEL_START)
+        end = rest.find(CHANNEL_END)
+        if first and end >= 0 and (start < 0 or end < start):
+            # The prompt opened the channel; we only see its end.
+            thoughts.append(_thought_body(rest[:end]))
+            rest = rest[end + len(CHANNEL_END):]
+            first = False
+            continue
+        first = False
+        if start < 0:
+            answer_parts.append(rest)
+            break
+        answer_parts.append(rest[:start])
+        rest = rest[start + len(CHANNEL_START):]
+        end = rest.find(CHANNEL_END)
+        if end < 0:
+            thoughts.append(_thought_body(rest))
+            break
+        thoughts.append(_thought_body(rest[:end]))
+        rest = rest[end + len(CHANNEL_END):]
+
+    answer = "".join(answer_parts).replace(CHANNEL_END, "").strip()
+    if not thoughts:
+        return None, answer
+    return "\n".join(t for t in thoughts if t), answer
+
+
+def _thought_body(body: str) -> str:
+    # Drop the channel's name ("thought"), which the model writes right after `<|channel>`.
+    name = "thought"
+    if body.startswith(name) and (len(body) == len(name) or body[len(name)].isspace()):
+        body = body[len(name):]
+    return body.strip()
