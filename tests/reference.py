@@ -11,6 +11,9 @@ import torch
 
 from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
 
+# Large enough for the test tokenizer (tokenizer_fixture.py, ~670 tokens).
+VOCAB = 768
+
 TEXT_CONFIG = dict(
     hidden_size=64,
     intermediate_size=96,
@@ -28,7 +31,7 @@ TEXT_CONFIG = dict(
     global_head_dim=32,
     num_global_key_value_heads=1,
     sliding_window=8,
-    vocab_size=512,
+    vocab_size=VOCAB,
     num_experts=8,
     top_k_experts=3,
     moe_intermediate_size=24,
@@ -46,6 +49,7 @@ VISION_CONFIG = dict(
 )
 
 CANVAS = 16
+
 
 
 def make_config(**text_overrides) -> DiffusionGemmaConfig:

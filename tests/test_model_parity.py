@@ -14,7 +14,7 @@ import mlx.core as mx
 from transformers import DynamicCache
 
 from mlx_diffgemma.utils import load_model
-from reference import CANVAS, build_reference
+from reference import CANVAS, VOCAB, build_reference
 
 TOL = 1e-4
 PROMPT = 20  # longer than the sliding window (8)
@@ -58,7 +58,7 @@ def max_diff(ours, theirs):
 
 
 def tokens(rng, *shape):
-    return rng.integers(0, 512, shape)
+    return rng.integers(0, VOCAB, shape)
 
 
 @pytest.mark.parametrize("batch", [1, 2])
@@ -84,7 +84,7 @@ def test_denoise_logits(checkpoint, batch, self_conditioning):
     ref, model = checkpoint
     rng = np.random.default_rng(10 + batch)
     ids, canvas = tokens(rng, batch, PROMPT), tokens(rng, batch, CANVAS)
-    sc = (rng.standard_normal((batch, CANVAS, 512)) * 3).astype(np.float32) if self_conditioning else None
+    sc = (rng.standard_normal((batch, CANVAS, VOCAB)) * 3).astype(np.float32) if self_conditioning else None
 
     rc = ref_cache(ref)
     ref_encode(ref, rc, ids)
@@ -94,7 +94,7 @@ def test_denoise_logits(checkpoint, batch, self_conditioning):
     model.encode(mx.array(ids), cache)
     logits = model.denoise(mx.array(canvas), cache, None if sc is None else mx.array(sc))
     assert logits.dtype == mx.float32
-    assert logits.shape == (batch, CANVAS, 512)
+    assert logits.shape == (batch, CANVAS, VOCAB)
     assert max_diff(logits, expected) < TOL
     # The logits must carry signal, or the comparison above proves little.
     assert expected.std() > 0.5
@@ -118,7 +118,7 @@ def test_second_canvas(checkpoint):
     ref, model = checkpoint
     rng = np.random.default_rng(4)
     ids, first, second = tokens(rng, 2, PROMPT), tokens(rng, 2, CANVAS), tokens(rng, 2, CANVAS)
-    sc = (rng.standard_normal((2, CANVAS, 512)) * 3).astype(np.float32)
+    sc = (rng.standard_normal((2, CANVAS, VOCAB)) * 3).astype(np.float32)
 
     rc = ref_cache(ref)
     ref_encode(ref, rc, ids)
@@ -204,7 +204,7 @@ def test_bfloat16_checkpoint(tmp_path):
 
     rng = np.random.default_rng(8)
     ids, canvas = tokens(rng, 1, PROMPT), tokens(rng, 1, CANVAS)
-    sc = (rng.standard_normal((1, CANVAS, 512)) * 3).astype(np.float32)
+    sc = (rng.standard_normal((1, CANVAS, VOCAB)) * 3).astype(np.float32)
 
     def reference(ref):
         rc = ref_cache(ref)

@@ -1,0 +1,140 @@
+"""Multi-turn chat on a prompt cache that keeps the conversation encoded."""
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional
+
+import mlx.core as mx
+
+from .cache import PromptCache
+from .generate import GenerationResponse, stream_generate
+from .model import Model
+from .tokenizer import split_thinking
+
+END_OF_TURN = "<turn|>"
+
+
+@dataclass
+class ChatCache:
+    """The encoded conversation: ``cache`` holds the first ``messages`` messages.
+
+    The cache holds the turns as they were generated (an answer's thought
+    channel included), so a follow-up turn encodes only its new tokens.
+    """
+
+    cache: PromptCache
+    messages: int = 0
+    # The id that closed the last answer in the cache (None: nothing cached).
+    stop_token: Optional[int] = None
+
+
+@dataclass
+class ChatResponse:
+    text: str  # everything generated, markers kept
+    answer: str  # without the thought channel and end-of-turn marker
+    thought: Optional[str]
+    prompt_cache: ChatCache
+    prompt_tokens: int  # tokens encoded for this turn
+    last: Optional[GenerationResponse] = field(default=None, repr=False)
+
+
+def _render(tokenizer, messages, add_generation_prompt, template_kwargs) -> List[int]:
+    ids = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=add_generation_prompt, tokenize=True, **template_kwargs
+    )
+    # transformers may hand back a BatchEncoding instead of a list.
+    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+
+def chat_prompt(
+    model: Model,
+    tokenizer,
+    messages: List[Dict[str, Any]],
+    prompt_cache: Optional[ChatCache],
+    **template_kwargs,
+) -> tuple:
+    """The tokens to encode for ``messages`` and the cache to encode them into.
+
+    With a cache holding an earlier part of the conversation, only what comes
+    after it is returned. If the rendered conversation does not extend what the
+    cache holds (edited history, another template setting), the cache is
+    started afresh.
+    """
+    full = _render(tokenizer, messages, True, template_kwargs)
+    if prompt_cache is None or prompt_cache.messages == 0:
+        return full, ChatCache(model.make_cache())
+    cached = _render(tokenizer, messages[: prompt_cache.messages], False, template_kwargs)
+    stop = prompt_cache.stop_token
+    if (
+        len(messages) > prompt_cache.messages
+        and full[: len(cached)] == cached
+        and stop in cached
+    ):
+        # The cache ends with the answer's stop token; the template closes the
+        # turn with what follows it (Gemma 4: a newline).
+        after_stop = len(cached) - cached[::-1].index(stop)
+        return cached[after_stop:] + full[len(cached):], prompt_cache
+    return full, ChatCache(model.make_cache())
+
+
+def stream_chat(
+    model: Model,
+    tokenizer,
+    messages: List[Dict[str, Any]],
+    prompt_cache: Optional[ChatCache] = None,
+    enable_thinking: bool = False,
+    tools: Optional[List[Any]] = None,
+    chat_template_kwargs: Optional[Dict[str, Any]] = None,
+    **params,
+) -> Iterator[GenerationResponse]:
+    """``stream_generate`` for a conversation.
+
+    Once the stream is exhausted, its last response carries ``prompt_cache``
+    (a ``ChatCache``) for the next turn.
+    """
+    template_kwargs = dict(chat_template_kwargs or {}, enable_thinking=enable_thinking)
+    if tools is not None:
+        template_kwargs["tools"] = tools
+    prompt, chat_cache = chat_prompt(model, tokenizer, messages, prompt_cache, **template_kwargs)
+
+    last = None
+    for last in stream_generate(model, tokenizer, prompt, prompt_cache=chat_cache.cache, **params):
+        yield last
+
+    # Keep the answer's last canvas in the cache, closed by its stop token (or
+    # an end of turn when it ran out of tokens), so the next turn continues it.
+    stop = last.stop_token
+    if stop is None:
+        stop = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    # (Earlier canvases were encoded during generation; the last one was not.)
+    model.encode(mx.array([last.token_ids + [stop]]), chat_cache.cache)
+    mx.eval([c.state for c in chat_cache.cache])
+    chat_cache.messages = len(messages) + 1
+    chat_cache.stop_token = stop
+    # Set once the stream is exhausted, on the response it yielded last.
+    last.prompt_cache = chat_cache
+
+
+def chat(
+    model: Model,
+    tokenizer,
+    messages: List[Dict[str, Any]],
+    prompt_cache: Optional[ChatCache] = None,
+    enable_thinking: bool = False,
+    tools: Optional[List[Any]] = None,
+    **params,
+) -> ChatResponse:
+    """Answer the last message of ``messages``.
+
+    Pass the returned ``prompt_cache`` with the next call (the messages so far,
+    this answer as an ``assistant`` message, and the new message) so that only
+    the new turn is encoded.
+    """
+    if tokenizer is None:
+        raise ValueError("chat needs a tokenizer with a chat template")
+    text, last = "", None
+    for last in stream_chat(
+        model, tokenizer, messages, prompt_cache, enable_thinking, tools, **params
+    ):
+        text += last.text
+    thought, answer = split_thinking(text)
+    return ChatResponse(text, answer, thought, last.prompt_cache, last.prompt_tokens, last)
