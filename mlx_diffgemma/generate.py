@@ -265,6 +265,7 @@ def stream_generate(
             _tokenizer=tokenizer,
         )
 
+    probs_signal = model.dtype == mx.float32
     n_canvases = math.ceil(max_tokens / C)
     for canvas_index in range(n_canvases):
         canvas_keys = rng.next()
@@ -273,7 +274,7 @@ def stream_generate(
         else:
             canvas = noise_canvas(canvas_keys, C, V)
         argmax_canvas = canvas
-        self_conditioning = None
+        signal = None  # the previous step's self-conditioning input
         history = sampler.empty_argmax_history(sp.stability_threshold, B, C)
         stopped = mx.zeros((B,), dtype=mx.bool_)
         # Rows that finished on an earlier canvas still ride along in the batch,
@@ -284,22 +285,26 @@ def stream_generate(
             for r in range(B):
                 forward_passes[r] += not resting[r]
             total_steps += 1
-            logits = model.denoise(canvas, cache, self_conditioning)
+            logits = model.denoise(canvas, cache, **_self_conditioning(signal, probs_signal))
             processed = logits / sp.temperature(step)
             update = _denoise_rows(processed, sp.entropy_bound, rng.next())
             new_argmax, new_canvas = update.argmax_canvas, update.next_canvas
-            if self_conditioning is not None:
-                # Rows that already stopped keep their canvas, as the reference does.
+            # The next step conditions on the processed logits, cast to the
+            # model's dtype as the reference does; for float32 models that is
+            # the softmax the sampler already took.
+            new_signal = update.probs if probs_signal else processed.astype(model.dtype)
+            if B > 1 and signal is not None:
+                # Rows that already stopped keep their canvas, as the reference
+                # does. (A single row that stopped has left the loop.)
                 new_argmax = sampler.hold_finished_rows(stopped, argmax_canvas, new_argmax)
                 new_canvas = sampler.hold_finished_rows(stopped, canvas, new_canvas)
-                processed = sampler.hold_finished_rows(stopped, self_conditioning, processed)
+                new_signal = sampler.hold_finished_rows(stopped, signal, new_signal)
             stop, history = sampler.stable_and_confident(
                 new_argmax, history, update.entropy, sp.confidence_threshold
             )
             stopped = stopped | stop
-            argmax_canvas, canvas = new_argmax, new_canvas
-            self_conditioning = processed.astype(model.dtype)
-            mx.eval(argmax_canvas, canvas, self_conditioning, stopped, history)
+            argmax_canvas, canvas, signal = new_argmax, new_canvas, new_signal
+            mx.eval(argmax_canvas, canvas, signal, stopped, history)
 
             resting = [a or b for a, b in zip(resting, stopped.tolist())]
             drafts = argmax_canvas.tolist()
@@ -369,6 +374,12 @@ class RowKeys:
 def noise_canvas(keys: List[mx.array], canvas_length: int, vocab_size: int) -> mx.array:
     """A fresh canvas of uniform noise, each row from its own key."""
     return mx.concatenate([sampler.initial_canvas(k, 1, canvas_length, vocab_size) for k in keys])
+
+
+def _self_conditioning(signal, is_probs: bool) -> dict:
+    if signal is None:
+        return {}
+    return {"self_conditioning_probs" if is_probs else "self_conditioning": signal}
 
 
 def _denoise_rows(processed: mx.array, entropy_bound: float, keys: List[mx.array]):

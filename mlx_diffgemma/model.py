@@ -275,11 +275,11 @@ class Model(nn.Module):
             cache.left_padding = mx.array(left_padding)
         return self._run_layers(self._embed(input_ids), cache, encoding=True)
 
-    def soft_embedding(self, logits: mx.array) -> mx.array:
-        """Expected token embedding under softmax(logits), times the embed scale."""
+    def soft_embedding(self, probs: mx.array) -> mx.array:
+        """Expected token embedding under ``probs`` [B, C, V], times the embed scale."""
         e = self.embed_tokens
         dtype = e.scales.dtype if isinstance(e, nn.QuantizedEmbedding) else e.weight.dtype
-        probs = mx.softmax(logits.astype(mx.float32), axis=-1).astype(dtype)
+        probs = probs.astype(dtype)
         if isinstance(e, nn.QuantizedEmbedding):
             soft = mx.quantized_matmul(
                 probs, e.weight, e.scales, e.get("biases"), transpose=False,
@@ -299,14 +299,19 @@ class Model(nn.Module):
         canvas: mx.array,
         cache: PromptCache,
         self_conditioning: Optional[mx.array] = None,
+        self_conditioning_probs: Optional[mx.array] = None,
     ) -> mx.array:
         """Float32 logits [B, C, V] for ``canvas`` given the cache; the cache is unchanged.
 
         ``self_conditioning`` is the previous step's processed logits, or None on
-        a canvas' first step.
+        a canvas' first step. A caller that already holds their softmax may pass
+        ``self_conditioning_probs`` instead, saving a pass over the vocabulary.
         """
         h = self._embed(canvas)
-        soft = None if self_conditioning is None else self.soft_embedding(self_conditioning)
+        probs = self_conditioning_probs
+        if probs is None and self_conditioning is not None:
+            probs = mx.softmax(self_conditioning.astype(mx.float32), axis=-1)
+        soft = None if probs is None else self.soft_embedding(probs)
         h = self.self_conditioning(h, soft)
         return self.logits(self._run_layers(h, cache, encoding=False))
 

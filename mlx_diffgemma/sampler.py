@@ -32,22 +32,43 @@ def temperature(
     return t_min + (t_max - t_min) * step / max_denoising_steps
 
 
-def token_entropy(processed_logits: mx.array) -> mx.array:
-    """Entropy (nats) of softmax(processed_logits) over the vocabulary, float32.
+class Distribution(NamedTuple):
+    """softmax(processed_logits) over the vocabulary, from one pass of exp.
 
-    Computed as -sum(p * log p): every term is <= 0, so the result is never
-    negative and a very peaked row gives an exact 0, where the equivalent
-    `logsumexp(x) - sum(p * x)` cancels. Shifting by the max before taking the
-    log-normaliser keeps log p free of the rounding of a large logsumexp
-    (logits reach ~75 after softcapping at 30 and dividing by t = 0.4), which
-    matters for the small entropies the accept and stop rules look at.
+    A step needs the distribution three times (the entropies, a sample, and
+    the next step's self-conditioning); exp over [B, C, V] is by far its most
+    expensive elementwise pass, so it is taken once.
     """
+
+    shifted: mx.array  # logits - max, float32, <= 0
+    weights: mx.array  # exp(shifted): unnormalised probabilities, max 1
+    total: mx.array  # sum of weights, [..., 1], >= 1
+
+    @property
+    def probs(self) -> mx.array:
+        return self.weights / self.total
+
+    @property
+    def entropy(self) -> mx.array:
+        # H = log Z - sum(w * s) / Z with s = x - max(x): both terms are >= 0,
+        # so nothing cancels, and a one-hot row gives exactly 0. Shifting by
+        # the max keeps the small entropies the accept and stop rules look at
+        # accurate even for logits of ~75 (softcap 30 over t = 0.4).
+        return (mx.log(self.total) - (self.weights * self.shifted).sum(-1, keepdims=True) / self.total)[..., 0]
+
+
+def distribution(processed_logits: mx.array) -> Distribution:
     logits = processed_logits.astype(mx.float32)
     shifted = logits - logits.max(axis=-1, keepdims=True)
-    log_probs = shifted - mx.log(mx.exp(shifted).sum(axis=-1, keepdims=True))
-    # A -inf logit has p = 0 and log p = -inf; 0 * -inf would be NaN.
-    log_probs = mx.maximum(log_probs, mx.finfo(mx.float32).min)
-    return -(mx.exp(log_probs) * log_probs).sum(axis=-1)
+    # A -inf logit gives weight 0; clamp so that 0 * shifted is 0, not NaN.
+    shifted = mx.maximum(shifted, mx.finfo(mx.float32).min)
+    weights = mx.exp(shifted)
+    return Distribution(shifted, weights, weights.sum(axis=-1, keepdims=True))
+
+
+def token_entropy(processed_logits: mx.array) -> mx.array:
+    """Entropy (nats) of softmax(processed_logits) over the vocabulary, float32."""
+    return distribution(processed_logits).entropy
 
 
 def entropy_bound_accept(entropy: mx.array, entropy_bound: float) -> mx.array:
@@ -84,9 +105,19 @@ def entropy_bound_accept(entropy: mx.array, entropy_bound: float) -> mx.array:
 
 def sample_tokens(processed_logits: mx.array, key: mx.array) -> mx.array:
     """One token per position from softmax(processed_logits)."""
-    return mx.random.categorical(processed_logits, axis=-1, key=key).astype(
-        TOKEN_DTYPE
-    )
+    return sample_from(distribution(processed_logits), key)
+
+
+def sample_from(dist: Distribution, key: mx.array) -> mx.array:
+    """One token per position by inverting the cumulative distribution.
+
+    Like torch.multinomial (the reference's sampler), and it needs one uniform
+    number per position instead of Gumbel noise over the whole vocabulary.
+    """
+    cdf = mx.cumsum(dist.weights, axis=-1)
+    target = mx.random.uniform(shape=cdf.shape[:-1] + (1,), key=key) * cdf[..., -1:]
+    index = (cdf <= target).sum(axis=-1)
+    return mx.minimum(index, cdf.shape[-1] - 1).astype(TOKEN_DTYPE)
 
 
 def argmax_tokens(processed_logits: mx.array) -> mx.array:
@@ -116,6 +147,7 @@ class DenoiseStep(NamedTuple):
     argmax_canvas: mx.array  # [B, C] what gets committed if the canvas stops here
     entropy: mx.array  # [B, C] float32, reused by the stop check
     accepted: mx.array  # [B, C] bool
+    probs: mx.array  # [B, C, V] float32 softmax of the processed logits
 
 
 def denoise_step_update(
@@ -130,11 +162,13 @@ def denoise_step_update(
     positions are not frozen; the next step may change them again.
     """
     sample_key, noise_key = mx.random.split(key)
-    entropy = token_entropy(processed_logits)
+    dist = distribution(processed_logits)
+    entropy = dist.entropy
     accepted = entropy_bound_accept(entropy, entropy_bound)
-    sampled = sample_tokens(processed_logits, sample_key)
+    sampled = sample_from(dist, sample_key)
     next_canvas = renoise(sampled, accepted, processed_logits.shape[-1], noise_key)
-    return DenoiseStep(next_canvas, argmax_tokens(processed_logits), entropy, accepted)
+    argmax = argmax_tokens(processed_logits)
+    return DenoiseStep(next_canvas, argmax, entropy, accepted, dist.probs)
 
 
 def hold_finished_rows(

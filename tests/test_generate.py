@@ -7,7 +7,10 @@ import torch
 import mlx.core as mx
 from transformers.models.diffusion_gemma import generation_diffusion_gemma as hf_gen
 
-from mlx_diffgemma import generate as gen
+import importlib
+
+# The package exports a generate() function under the module's name.
+gen = importlib.import_module("mlx_diffgemma.generate")
 from mlx_diffgemma.generate import SamplerParams, generate, stream_generate
 from mlx_diffgemma.utils import load
 from reference import CANVAS, VOCAB, build_reference
