@@ -217,3 +217,14 @@ def test_bad_parameters(checkpoint, kwargs, name):
     prompt = kwargs.pop("prompt", "hello")
     with pytest.raises(ValueError, match=name):
         generate(model, tokenizer, prompt, **kwargs)
+
+
+def test_memory_does_not_grow_across_generations(checkpoint):
+    """One port's first canvas slowed from 1 s to 124 s over ~18 generations in one process."""
+    _, model, tokenizer = checkpoint
+    kw = dict(max_tokens=2 * CANVAS, max_denoising_steps=3)
+    generate(model, tokenizer, "warm up", seed=0, **kw)
+    baseline = mx.get_active_memory()
+    for seed in range(8):
+        generate(model, tokenizer, "the same prompt again", seed=seed, **kw)
+    assert mx.get_active_memory() <= baseline + 1_000_000

@@ -178,3 +178,31 @@ def test_vision_tower_is_skipped(sharded):
     index = json.loads((sharded / "model.safetensors.index.json").read_text())
     assert any("vision_tower" in k for k in index["weight_map"])
     load_model(sharded)
+
+
+def test_hub_id_is_downloaded_with_huggingface_hub(sharded, monkeypatch):
+    calls = []
+
+    def fake_download(repo_id, revision=None, allow_patterns=None):
+        calls.append((repo_id, allow_patterns))
+        return str(sharded)
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    model, _ = load("google/diffusiongemma-26B-A4B-it")
+    assert calls and calls[0][0] == "google/diffusiongemma-26B-A4B-it"
+    assert "*.safetensors" in calls[0][1]
+    assert len(model.layers) == 5
+
+
+def test_hub_failure_is_one_line(monkeypatch):
+    import huggingface_hub
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to the Hub.\nCheck your connection.")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(LoadError) as e:
+        load("someone/some-model")
+    assert "someone/some-model" in str(e.value) and "\n" not in str(e.value)
