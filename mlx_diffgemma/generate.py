@@ -10,7 +10,7 @@ import copy
 import math
 import secrets
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
@@ -19,17 +19,6 @@ from . import sampler
 from .cache import PromptCache
 from .model import Model
 
-# The reference's defaults, used where the checkpoint's generation_config.json
-# leaves a value unset (transformers writes nulls for unset fields).
-REFERENCE_DEFAULTS = dict(
-    max_denoising_steps=48,
-    entropy_bound=0.1,
-    t_min=0.4,
-    t_max=0.8,
-    stability_threshold=1,
-    confidence_threshold=0.005,
-)
-
 PREFILL_STEP = 2048
 
 Prompt = Union[str, Sequence[int]]
@@ -37,7 +26,11 @@ Prompt = Union[str, Sequence[int]]
 
 @dataclass
 class SamplerParams:
-    """The diffusion sampler's settings, named as in transformers."""
+    """The diffusion sampler's settings, named as in transformers.
+
+    The defaults are the reference's, used where the checkpoint's
+    generation_config.json leaves a value unset (transformers writes nulls).
+    """
 
     max_denoising_steps: int = 48
     entropy_bound: float = 0.1
@@ -53,20 +46,17 @@ class SamplerParams:
         """Defaults from the checkpoint's generation config, then ``overrides``."""
         gen = dict(getattr(model, "generation_config", None) or {})
         sampler_config = gen.get("sampler_config") or {}
-        values = dict(REFERENCE_DEFAULTS)
-        for name in REFERENCE_DEFAULTS:
+        values = asdict(cls())
+        for name in values:
             source = sampler_config if name == "entropy_bound" else gen
             if source.get(name) is not None:
                 values[name] = source[name]
-        eos = gen.get("eos_token_id")
-        if eos is None:
-            eos = model.args.eos_token_id
+        eos = values["eos_token_id"] if gen.get("eos_token_id") is not None else model.args.eos_token_id
         values["eos_token_id"] = list(eos) if isinstance(eos, (list, tuple)) else [eos]
-        pad = gen.get("pad_token_id")
-        values["pad_token_id"] = model.args.pad_token_id if pad is None else pad
-        known = {f.name for f in fields(cls)}
+        if gen.get("pad_token_id") is None:
+            values["pad_token_id"] = model.args.pad_token_id
         for name, value in overrides.items():
-            if name not in known:
+            if name not in values:
                 raise TypeError(f"unknown generation parameter {name!r}")
             if value is not None:
                 values[name] = value
