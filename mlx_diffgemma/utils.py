@@ -4,11 +4,12 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
+from mlx_lm.utils import infer_quant_config
 
 from .config import ConfigError, ModelArgs
 from .model import Model
@@ -92,60 +93,93 @@ def load_safetensors(model_path: Path) -> Dict[str, mx.array]:
 _DECODER = "model.decoder."
 _ENCODER_SCALAR = re.compile(r"model\.encoder\.language_model\.layers\.(\d+)\.layer_scalar$")
 _VISION = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
+# Experts as Hugging Face stores them (fused gate/up, no ".weight") and as
+# mlx-vlm stores them (the same names with ".weight", ".scales", ".biases").
+_FUSED_EXPERTS = re.compile(r"(.*\.experts\.)(gate_up_proj|down_proj)(\.weight|\.scales|\.biases)?$")
+
+
+def rename(name: str) -> List[str]:
+    """Our names for a checkpoint tensor: none (skipped), one, or two (fused gate/up).
+
+    Reads the Hugging Face layout, mlx-vlm's layout and our own.
+    """
+    if name.startswith(_VISION) or name == "lm_head.weight":
+        return []  # text-only model; the head is tied to the embedding
+    m = _ENCODER_SCALAR.match(name)
+    if m:
+        return [f"layers.{m.group(1)}.encoder_layer_scalar"]
+    key = name[len(_DECODER):] if name.startswith(_DECODER) else name
+    m = _FUSED_EXPERTS.match(key)
+    if m:
+        base, proj, suffix = m.group(1) + "switch_glu.", m.group(2), m.group(3) or ".weight"
+        if proj == "down_proj":
+            return [f"{base}down_proj{suffix}"]
+        return [f"{base}gate_proj{suffix}", f"{base}up_proj{suffix}"]
+    return [key]
 
 
 def sanitize(weights: Dict[str, mx.array]) -> Tuple[Dict[str, mx.array], Dict[str, str]]:
-    """Map Hugging Face tensor names to ours.
+    """Map checkpoint tensor names to ours.
 
     Returns the renamed tensors and, for error messages, each new name's
     original. Names already in our layout (converted checkpoints) pass through.
     """
     out, origin = {}, {}
     skipped_vision = 0
-
-    def put(name, value, original):
-        out[name] = value
-        origin[name] = original
-
     for name, value in weights.items():
         if name.startswith(_VISION):
             skipped_vision += 1
-            continue
-        if name == "lm_head.weight":
-            continue  # tied to the embedding
-        m = _ENCODER_SCALAR.match(name)
-        if m:
-            put(f"layers.{m.group(1)}.encoder_layer_scalar", value, name)
-            continue
-        key = name[len(_DECODER):] if name.startswith(_DECODER) else name
-        if key.endswith(".experts.gate_up_proj"):
-            base = key[: -len("gate_up_proj")] + "switch_glu."
-            # Rows [0, I) are the gate, [I, 2I) the up projection.
-            gate, up = mx.split(value, 2, axis=-2)
-            put(base + "gate_proj.weight", gate, name)
-            put(base + "up_proj.weight", up, name)
-        elif key.endswith(".experts.down_proj"):
-            put(key[: -len("down_proj")] + "switch_glu.down_proj.weight", value, name)
+        names = rename(name)
+        if len(names) == 2:
+            # Rows [0, I) are the gate, [I, 2I) the up projection. Quantized
+            # groups run along the last axis, so packed weights, scales and
+            # biases split the same way.
+            values = mx.split(value, 2, axis=-2)
         else:
-            put(key, value, name)
+            values = [value] * len(names)
+        for new, v in zip(names, values):
+            out[new] = v
+            origin[new] = name
     if skipped_vision:
         logger.info("Skipped %d vision-tower tensors (text-only model).", skipped_vision)
     return out, origin
 
 
-def _quantize(model: Model, quantization: dict, weights: Dict[str, mx.array]):
+def stored_quantization(
+    model: nn.Module, quantization: dict, weights: Dict[str, mx.array]
+) -> Dict[str, dict]:
+    """The ``to_quantized`` arguments of each module the checkpoint stores quantized.
+
+    As in mlx-lm, a module named in the ``quantization`` block takes that entry
+    (a dict, or False for a module kept in float); other modules with ``scales``
+    get theirs from the tensors' shapes. Entries may use the names of any layout
+    ``rename`` reads (mlx-vlm writes ``model.decoder.layers.0.experts.gate_up_proj``).
+    """
+    overrides = {}
+    for path, entry in quantization.items():
+        if isinstance(entry, (dict, bool)):
+            for name in rename(f"{path}.weight"):
+                overrides[name[: -len(".weight")]] = entry
+    params = {}
+    for path, module in model.named_modules():
+        if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights:
+            continue
+        entry = overrides.get(path, True)
+        if isinstance(entry, dict):
+            params[path] = entry
+        elif entry:
+            try:
+                params[path] = infer_quant_config(path, module, weights)
+            except ValueError as e:
+                raise LoadError(str(e)) from e
+    return params
+
+
+def _quantize(model: Model, quantization: dict, weights: Dict[str, mx.array]) -> Dict[str, dict]:
     """Quantize the modules a converted checkpoint stores quantized (mlx-lm's format)."""
-    defaults = {k: quantization[k] for k in ("group_size", "bits", "mode") if k in quantization}
-
-    def predicate(path, module):
-        override = quantization.get(path)
-        if isinstance(override, dict):
-            return override
-        if override is False:
-            return False
-        return hasattr(module, "to_quantized") and f"{path}.scales" in weights
-
-    nn.quantize(model, **defaults, class_predicate=predicate)
+    params = stored_quantization(model, quantization, weights)
+    nn.quantize(model, class_predicate=lambda path, _: params.get(path, False))
+    return params
 
 
 def check_weights(model: Model, weights: Dict[str, mx.array], origin: Dict[str, str]):

@@ -1,0 +1,746 @@
+"""Convert DiffusionGemma weights from the Hub to MLX, quantized, in bounded memory.
+
+    python -m mlx_diffgemma.convert --q-bits 4
+
+Each tensor is converted in blocks of rows (a few experts, a few thousand
+vocabulary rows): a block is read from the source shard, cast, quantized and
+written to its place in the output shard, whose header was written up front
+from the planned shapes. Memory holds one block whatever the model's size.
+
+The output is built in a hidden directory beside ``--mlx-path`` and renamed
+into place once complete and checked, so an interrupted run leaves nothing
+half-written there; an existing output is replaced only with ``--force``, and
+only after the new one is complete. The source is only read.
+"""
+
+import argparse
+import copy
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Tuple, Union
+
+import mlx.core as mx
+from mlx_lm.utils import MAX_FILE_SIZE_GB, save_config
+
+from .config import ConfigError, ModelArgs
+from .model import Model
+from .shards import ShardError, ShardWriter, Slot, dtype_name, read_header, read_rows
+from .utils import (
+    DEFAULT_MODEL,
+    LoadError,
+    _quantize,
+    _shard_files,
+    check_weights,
+    get_model_path,
+    load_config,
+    load_model,
+    sanitize,
+)
+
+logger = logging.getLogger("mlx_diffgemma")
+
+# What MLX accepts per mode: bit widths, group sizes, and the defaults
+# (mlx.nn's and mlx-lm's) used when a flag is not given.
+MODES = {
+    "affine": dict(bits=(2, 3, 4, 5, 6, 8), group_sizes=(32, 64, 128), default_bits=4, default_group_size=64),
+    "mxfp4": dict(bits=(4,), group_sizes=(32,), default_bits=4, default_group_size=32),
+    "mxfp8": dict(bits=(8,), group_sizes=(32,), default_bits=8, default_group_size=32),
+    "nvfp4": dict(bits=(4,), group_sizes=(16,), default_bits=4, default_group_size=16),
+}
+DTYPES = ("float16", "bfloat16", "float32")
+_SHORT_DTYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+
+# The model's quantizable pieces. The embedding is also the LM head and the
+# self-conditioning table; the router picks experts (a discrete choice that
+# small weight errors can flip).
+PIECES = ("experts", "router", "embedding", "attention", "mlp", "self_conditioning")
+
+# What each recipe does with each piece: "requested" takes the --q-* settings,
+# "high" takes HIGH_PRECISION, None keeps the piece in --dtype. docs/convert.md
+# has the measurements behind the default.
+RECIPES = {
+    "mixed": dict(experts="requested", router=None, embedding="high", attention="high",
+                  mlp="high", self_conditioning="high"),
+    "uniform": dict.fromkeys(PIECES, "requested"),
+    "experts-only": dict(dict.fromkeys(PIECES, None), experts="requested"),
+}
+DEFAULT_RECIPE = "mixed"
+HIGH_PRECISION = {"group_size": 64, "bits": 8, "mode": "affine"}
+
+# Source bytes per block; peak memory is a few times this.
+BLOCK_BYTES = 64 << 20
+# Output shard size, mlx-lm's (5 GiB; a larger tensor gets a shard of its own).
+SHARD_BYTES = MAX_FILE_SIZE_GB << 30
+
+# Files carried over from the source besides the weights and config.json.
+COPIED_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+
+
+class ConvertError(ValueError):
+    """A conversion that cannot be done as asked; the message says why, in one line."""
+
+
+def piece(path: str) -> str:
+    """Which piece of the model a quantizable module belongs to."""
+    if ".experts." in path:
+        return "experts"
+    if path.endswith(".router.proj"):
+        return "router"
+    if path == "embed_tokens":
+        return "embedding"
+    if ".self_attn." in path:
+        return "attention"
+    if path.startswith("self_conditioning."):
+        return "self_conditioning"
+    if ".mlp." in path:
+        return "mlp"
+    raise ValueError(f"no recipe rule for module {path}")
+
+
+def quantization_settings(
+    q_bits: Optional[int] = None, q_group_size: Optional[int] = None, q_mode: Optional[str] = None
+) -> dict:
+    """The requested group_size, bits and mode, with the mode's defaults filled in."""
+    mode = q_mode or "affine"
+    if mode not in MODES:
+        raise ConvertError(f"unknown quantization mode {mode!r} (choose from {', '.join(MODES)})")
+    rules = MODES[mode]
+    bits = rules["default_bits"] if q_bits is None else q_bits
+    group_size = rules["default_group_size"] if q_group_size is None else q_group_size
+    if bits not in rules["bits"]:
+        allowed = ", ".join(map(str, rules["bits"]))
+        raise ConvertError(f"{mode} quantization takes {allowed} bits, not {bits}")
+    if group_size not in rules["group_sizes"]:
+        allowed = ", ".join(map(str, rules["group_sizes"]))
+        raise ConvertError(f"{mode} quantization takes group size {allowed}, not {group_size}")
+    return {"group_size": group_size, "bits": bits, "mode": mode}
+
+
+def module_quantization(
+    recipe: Union[str, Dict[str, Optional[str]]], path: str, in_dims: int, requested: dict
+) -> Optional[dict]:
+    """How ``recipe`` quantizes the module at ``path`` (None: kept in float).
+
+    ``recipe`` is a name from RECIPES or a table like theirs. A group size
+    that does not divide the module's input width is lowered for affine
+    modes (at 128 the real experts' down_proj, 704 wide, takes 64); where no
+    allowed size divides it, the module stays in float.
+    """
+    table = RECIPES[recipe] if isinstance(recipe, str) else recipe
+    choice = table[piece(path)]
+    if choice is None:
+        return None
+    params = dict(requested if choice == "requested" else HIGH_PRECISION)
+    sizes = [g for g in MODES[params["mode"]]["group_sizes"] if g <= params["group_size"]]
+    for group_size in sorted(sizes, reverse=True):
+        if in_dims % group_size == 0:
+            return dict(params, group_size=group_size)
+    logger.warning("%s: %d inputs fit no %s group size; kept in float", path, in_dims, params["mode"])
+    return None
+
+
+@dataclass
+class Rules:
+    """What happens to each tensor: cast, quantize, dequantize or pass through."""
+
+    dtype: Optional[mx.Dtype]  # float tensors are cast to it (None: kept)
+    quantize: Dict[str, dict] = field(default_factory=dict)  # module path -> params
+    dequantize: Dict[str, dict] = field(default_factory=dict)  # module path -> stored params
+
+
+def convert_arrays(arrays: Dict[str, mx.array], rules: Rules) -> Dict[str, mx.array]:
+    """Source tensors (one weight, with its scales and biases if it has them)
+    to output tensors in our layout. Lazy: nothing is computed until evaluated,
+    so the plan can run it on placeholders for the output shapes alone."""
+    weights, _ = sanitize(arrays)
+    out = {}
+    for name, value in weights.items():
+        module, _, leaf = name.rpartition(".")
+        stored_quantized = f"{module}.scales" in weights
+        if leaf in ("scales", "biases") and stored_quantized:
+            if module not in rules.dequantize:
+                out[name] = value  # kept as stored
+            continue
+        if stored_quantized:
+            if module in rules.dequantize:
+                value = mx.dequantize(
+                    value, weights[f"{module}.scales"], weights.get(f"{module}.biases"),
+                    **rules.dequantize[module],
+                )
+                out[name] = value.astype(rules.dtype) if rules.dtype else value
+            else:
+                out[name] = value
+            continue
+        if rules.dtype is not None and mx.issubdtype(value.dtype, mx.floating):
+            value = value.astype(rules.dtype)
+        params = rules.quantize.get(module) if leaf == "weight" else None
+        if params is None:
+            out[name] = value
+            continue
+        out[name], out[f"{module}.scales"], *biases = mx.quantize(value, **params)
+        if biases:
+            out[f"{module}.biases"] = biases[0]
+    return out
+
+
+@dataclass
+class Job:
+    """Source tensors converted together, and the output tensors they give."""
+
+    sources: Dict[str, Slot]
+    outputs: List[Tuple[str, str, Tuple[int, ...]]]  # (name, safetensors dtype, shape)
+    rows: int  # blocks are cut along the first axis of sources and outputs alike
+    chunked: bool
+
+    @property
+    def source_bytes(self) -> int:
+        return sum(s.nbytes for s in self.sources.values())
+
+    def blocks(self) -> Iterator[Tuple[int, int]]:
+        if not self.chunked:
+            yield 0, self.rows
+            return
+        row_bytes = sum(s.row_bytes for s in self.sources.values())
+        step = max(1, BLOCK_BYTES // max(row_bytes, 1))
+        for start in range(0, self.rows, step):
+            yield start, min(start + step, self.rows)
+
+
+@dataclass
+class Plan:
+    jobs: List[Job]
+    rules: Rules
+    quantization: Optional[dict]  # the output config's quantization block
+    parameters: int  # as mlx-lm counts them: a packed weight counts its unpacked size
+
+    @property
+    def outputs(self) -> List[Tuple[str, str, Tuple[int, ...]]]:
+        return [o for job in self.jobs for o in job.outputs]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(_nbytes(dtype, shape) for _, dtype, shape in self.outputs)
+
+
+def _nbytes(dtype: str, shape) -> int:
+    return Slot(Path(), dtype, tuple(shape), 0).nbytes
+
+
+def plan_conversion(
+    config: dict,
+    slots: Dict[str, Slot],
+    quantize: Optional[dict] = None,
+    recipe: Union[str, Dict[str, Optional[str]]] = DEFAULT_RECIPE,
+    dequantize: bool = False,
+    dtype: Optional[str] = None,
+) -> Plan:
+    """Check the source against the model and work out every output tensor.
+
+    ``slots``: the source tensors (only their dtype and shape are used here).
+    ``quantize``: requested settings from ``quantization_settings``, or None.
+    Runs on a model and tensors that are never evaluated, so it costs no
+    memory for the real model either.
+    """
+    try:
+        args = ModelArgs.from_dict(config)
+    except ConfigError as e:
+        raise ConvertError(str(e)) from e
+    placeholders = {name: mx.zeros(s.shape, s.mx_dtype) for name, s in slots.items()}
+    weights, origin = sanitize(placeholders)
+    model = Model(args)  # random weights, never evaluated: shapes only
+    stored = {}
+    if "quantization" in config:
+        try:
+            stored = _quantize(model, config["quantization"], weights)
+        except (LoadError, TypeError, ValueError) as e:
+            raise ConvertError(f"config.json: bad quantization block ({e})") from e
+    try:
+        check_weights(model, weights, origin)
+    except LoadError as e:
+        raise ConvertError(str(e)) from e
+
+    rules = Rules(getattr(mx, dtype) if dtype else None)
+    modules = dict(model.named_modules())
+    # The stored settings in full (a config entry may leave out the mode).
+    stored = {
+        path: dict(group_size=modules[path].group_size, bits=modules[path].bits,
+                   mode=modules[path].mode)
+        for path in stored
+    }
+    if dequantize:
+        if not stored:
+            raise ConvertError("the source is not quantized: nothing to dequantize")
+        rules.dequantize = stored
+    elif quantize is not None:
+        if stored:
+            raise ConvertError(
+                "the source is already quantized: convert from the float checkpoint "
+                "(or pass --dequantize)"
+            )
+        for path, module in modules.items():
+            if hasattr(module, "to_quantized"):
+                params = module_quantization(recipe, path, module.weight.shape[-1], quantize)
+                if params is not None:
+                    rules.quantize[path] = params
+
+    # A weight stored quantized travels with its scales and biases.
+    jobs, grouped = [], {}
+    for name, slot in sorted(slots.items(), key=lambda kv: (str(kv[1].file), kv[1].offset)):
+        base, _, leaf = name.rpartition(".")
+        key = f"{base}.weight" if leaf in ("scales", "biases") and f"{base}.weight" in slots else name
+        grouped.setdefault(key, {})[name] = slot
+    for sources in grouped.values():
+        outputs = convert_arrays({n: placeholders[n] for n in sources}, rules)
+        if not outputs:
+            continue  # vision tower, tied head
+        rows = next(iter(sources.values())).rows
+        chunked = rows > 1 and all(
+            s.rows == rows for s in sources.values()
+        ) and all(a.ndim > 1 and a.shape[0] == rows for a in outputs.values())
+        jobs.append(Job(
+            sources,
+            [(name, dtype_name(a.dtype), tuple(a.shape)) for name, a in outputs.items()],
+            rows,
+            chunked,
+        ))
+
+    # How the output stores each module: as quantized now, or as it was stored.
+    final = rules.quantize or ({} if dequantize else stored)
+    quantization = None
+    if final:
+        if quantize is not None:
+            defaults = dict(quantize)
+        else:
+            defaults = {k: config["quantization"][k] for k in ("group_size", "bits", "mode")
+                        if k in config["quantization"]}
+        quantization = dict(defaults)
+        plain = dict(defaults, mode=defaults.get("mode", "affine"))
+        for job in jobs:  # in checkpoint order, for a readable config
+            for name, _, _ in job.outputs:
+                module = name.rpartition(".")[0]
+                if name.endswith(".weight") and module in final and final[module] != plain:
+                    quantization[module] = final[module]
+
+    parameters = 0
+    for job in jobs:
+        for name, _, shape in job.outputs:
+            module, _, leaf = name.rpartition(".")
+            if module in final and leaf in ("scales", "biases"):
+                continue
+            size = math.prod(shape)
+            parameters += size * 32 // final[module]["bits"] if module in final else size
+    return Plan(jobs, rules, quantization, parameters)
+
+
+def read_source(model_path: Path) -> Dict[str, Slot]:
+    """Every tensor of every shard, with the shards checked for truncation."""
+    try:
+        shards = _shard_files(model_path)
+    except LoadError as e:
+        raise ConvertError(str(e)) from e
+    slots = {}
+    for shard in shards:
+        try:
+            slots.update(read_header(shard))
+        except ShardError as e:
+            raise ConvertError(str(e)) from e
+    return slots
+
+
+def _shard_names(plan: Plan) -> List[List[str]]:
+    """Output tensors split into shards of at most SHARD_BYTES, as mlx-lm's make_shards."""
+    shards, size = [], 0
+    for name, dtype, shape in plan.outputs:
+        nbytes = _nbytes(dtype, shape)
+        if not shards or size + nbytes > SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def write_weights(plan: Plan, out_dir: Path, progress: bool = True) -> dict:
+    """Write the shards block by block; return the safetensors index."""
+    specs = {name: (dtype, shape) for name, dtype, shape in plan.outputs}
+    shard_names = _shard_names(plan)
+    fmt = "model-{:05d}-of-{:05d}.safetensors" if len(shard_names) > 1 else "model.safetensors"
+    writers, weight_map = {}, {}
+    shards = []
+    try:
+        for i, names in enumerate(shard_names):
+            file_name = fmt.format(i + 1, len(shard_names))
+            writer = ShardWriter(out_dir / file_name, [(n, *specs[n]) for n in names])
+            shards.append(writer)
+            for n in names:
+                writers[n] = writer
+                weight_map[n] = file_name
+        bar = _progress_bar(sum(job.source_bytes for job in plan.jobs), progress)
+        for job in plan.jobs:
+            for start, stop in job.blocks():
+                block = {name: read_rows(slot, start, stop) if job.chunked else read_rows(slot)
+                         for name, slot in job.sources.items()}
+                out = convert_arrays(block, plan.rules)
+                mx.eval(out)
+                for name, array in out.items():
+                    writers[name].write_rows(name, start, array)
+                del block, out
+                bar.update(job.source_bytes * (stop - start) // job.rows)
+            mx.clear_cache()
+        bar.close()
+    finally:
+        errors = []
+        for writer in shards:
+            try:
+                writer.close()
+            except RuntimeError as e:
+                errors.append(e)
+    if errors:  # reached only when nothing else went wrong
+        raise errors[0]
+    return {
+        "metadata": {"total_size": plan.nbytes, "total_parameters": plan.parameters},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
+
+
+def _progress_bar(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    # tqdm hides itself when stderr is not a terminal (disable=None).
+    return tqdm(total=total, unit="B", unit_scale=True, desc="Converting",
+                disable=None if enabled else True)
+
+
+def _output_config(config: dict, plan: Plan, dtype: Optional[str]) -> dict:
+    out = copy.deepcopy(config)
+    out.pop("quantization", None)
+    out.pop("quantization_config", None)
+    if plan.quantization:
+        out["quantization"] = plan.quantization  # save_config adds quantization_config
+    if dtype:
+        for c in (out, out.get("text_config") or {}):
+            for key in ("dtype", "torch_dtype"):
+                if key in c:
+                    c[key] = dtype
+    return out
+
+
+def model_card(name: str, base_model: Optional[str], license: Optional[str]) -> str:
+    from huggingface_hub import ModelCardData
+
+    data = ModelCardData(
+        library_name="mlx",
+        pipeline_tag="text-generation",
+        tags=["mlx", "diffusiongemma"],
+        base_model=base_model,
+        license=license,
+    )
+    source = f" from [{base_model}](https://huggingface.co/{base_model})" if base_model else ""
+    return f"""---
+{data.to_yaml()}
+---
+
+# {name}
+
+DiffusionGemma converted to MLX{source} with mlx-diffgemma's
+`python -m mlx_diffgemma.convert`. It runs with mlx-diffgemma, not mlx-lm: the
+model generates by block diffusion.
+
+```python
+from mlx_diffgemma import load
+from mlx_diffgemma.generate import generate
+
+model, tokenizer = load("{name}")
+print(generate(model, tokenizer, "Write a haiku about the sea."))
+```
+"""
+
+
+def _source_license(model_path: Path) -> Optional[str]:
+    readme = model_path / "README.md"
+    if not readme.exists():
+        return None
+    try:
+        from huggingface_hub import ModelCard
+
+        return ModelCard.load(readme).data.license
+    except Exception:  # a card without metadata is no reason to fail
+        return None
+
+
+def upload_to_hub(path: Path, upload_repo: str):
+    """Upload a converted model, its card naming the repo it is uploaded to."""
+    from huggingface_hub import HfApi, ModelCard
+
+    card = ModelCard.load(path / "README.md")
+    text = model_card(upload_repo, card.data.base_model, card.data.license)
+    (path / "README.md").write_text(text)
+    api = HfApi()
+    api.create_repo(repo_id=upload_repo, exist_ok=True)
+    # upload_large_folder (resumable) is gone from huggingface_hub 2.x.
+    upload = getattr(api, "upload_large_folder", None) or api.upload_folder
+    upload(folder_path=str(path), repo_id=upload_repo, repo_type="model")
+    print(f"[INFO] Uploaded to https://huggingface.co/{upload_repo}")
+
+
+def _contains(outer: Path, inner: Path) -> bool:
+    return inner == outer or outer in inner.parents
+
+
+@contextmanager
+def staged_directory(target: Path, force: bool) -> Iterator[Path]:
+    """A new directory that becomes ``target`` only if the block completes.
+
+    It is made beside ``target`` (same filesystem, so the final rename is
+    atomic). On any exception, KeyboardInterrupt included, it is deleted and
+    ``target`` is left as it was.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private
+    try:
+        yield staging
+        if target.exists() or target.is_symlink():
+            if not force:
+                raise ConvertError(f"{target} already exists (pass --force to replace it)")
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+            old.rmdir()
+            target.rename(old)
+            try:
+                staging.rename(target)
+            except BaseException:
+                old.rename(target)
+                raise
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old)
+            else:
+                old.unlink()
+        else:
+            staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _default_dtype(config: dict) -> Optional[str]:
+    """mlx-lm's rule: the dtype the source config names, if it is one we write."""
+    for c in (config, config.get("text_config") or {}):
+        for key in ("torch_dtype", "dtype"):
+            if c.get(key) in DTYPES:
+                return c[key]
+    return None
+
+
+def default_mlx_path(hf_path: str, quantize: Optional[dict], recipe, dtype: Optional[str]) -> str:
+    """``diffusiongemma-26B-A4B-it-4bit`` and the like, in the working directory."""
+    name = Path(hf_path.rstrip("/")).name or "model"
+    if quantize is None:
+        return f"{name}-{_SHORT_DTYPE.get(dtype, 'mlx')}"
+    mode = quantize["mode"]
+    tag = f"{quantize['bits']}bit" if mode == "affine" else mode
+    if recipe != DEFAULT_RECIPE:
+        tag += f"-{recipe}" if isinstance(recipe, str) else "-custom"
+    return f"{name}-{tag}"
+
+
+def _describe(plan: Plan) -> str:
+    """One line on what was quantized how, for the log."""
+    if not plan.rules.quantize:
+        return "no quantization"
+    by_piece = {}
+    for path, p in plan.rules.quantize.items():
+        setting = f"{p['bits']}-bit {p['mode']} (group {p['group_size']})"
+        by_piece.setdefault(piece(path), set()).add(setting)
+    parts = [f"{k}: {', '.join(sorted(v))}" for k, v in by_piece.items()]
+    return "; ".join(parts)
+
+
+def convert(
+    hf_path: str = DEFAULT_MODEL,
+    mlx_path: Optional[str] = None,
+    quantize: bool = False,
+    q_group_size: Optional[int] = None,
+    q_bits: Optional[int] = None,
+    q_mode: Optional[str] = None,
+    dtype: Optional[str] = None,
+    upload_repo: Optional[str] = None,
+    revision: Optional[str] = None,
+    dequantize: bool = False,
+    recipe: Union[str, Dict[str, Optional[str]], None] = None,
+    force: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Convert a DiffusionGemma checkpoint (local directory or Hub id) to MLX.
+
+    Giving any of ``q_bits``, ``q_group_size``, ``q_mode`` or ``recipe``
+    implies ``quantize``. ``recipe`` is a name from RECIPES or a table like
+    theirs (piece -> "requested", "high" or None). Returns the output directory.
+    """
+    quantize = quantize or any(v is not None for v in (q_bits, q_group_size, q_mode, recipe))
+    if quantize and dequantize:
+        raise ConvertError("choose either quantization or --dequantize, not both")
+    if isinstance(recipe, dict):
+        if set(recipe) != set(PIECES) or not set(recipe.values()) <= {"requested", "high", None}:
+            raise ConvertError(
+                f"a recipe table maps each of {', '.join(PIECES)} to 'requested', 'high' or None"
+            )
+    elif recipe is not None and recipe not in RECIPES:
+        raise ConvertError(f"unknown recipe {recipe!r} (choose from {', '.join(RECIPES)})")
+    if dtype is not None and dtype not in DTYPES:
+        raise ConvertError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
+    recipe = recipe or DEFAULT_RECIPE
+    settings = quantization_settings(q_bits, q_group_size, q_mode) if quantize else None
+
+    try:
+        model_path = get_model_path(hf_path, revision)
+        config = load_config(model_path)
+    except LoadError as e:
+        raise ConvertError(str(e)) from e
+    dtype = dtype or _default_dtype(config)
+    target = Path(mlx_path or default_mlx_path(hf_path, settings, recipe, dtype)).expanduser()
+    source, resolved = model_path.resolve(), target.resolve()
+    if _contains(source, resolved) or _contains(resolved, source):
+        raise ConvertError(f"{target}: the output must be outside the source {model_path}")
+    if (target.exists() or target.is_symlink()) and not force:
+        raise ConvertError(f"{target} already exists (pass --force to replace it)")
+
+    slots = read_source(model_path)
+    plan = plan_conversion(config, slots, settings, recipe, dequantize, dtype)
+    print(f"[INFO] {model_path}: {len(slots)} tensors, {sum(s.nbytes for s in slots.values()) / 1e9:.2f} GB")
+    print(f"[INFO] Writing {plan.nbytes / 1e9:.2f} GB in {dtype or 'the source dtypes'}; {_describe(plan)}")
+    free = shutil.disk_usage(target.parent if target.parent.exists() else Path.cwd()).free
+    if plan.nbytes > free:
+        raise ConvertError(
+            f"not enough disk space for {target}: {plan.nbytes / 1e9:.1f} GB needed, "
+            f"{free / 1e9:.1f} GB free"
+        )
+
+    with staged_directory(target, force) as staging:
+        index = write_weights(plan, staging, progress)
+        (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
+        save_config(_output_config(config, plan, dtype), staging / "config.json")
+        for name in COPIED_FILES:
+            if (model_path / name).is_file():
+                shutil.copyfile(model_path / name, staging / name)
+        hub_id = None if Path(hf_path).expanduser().exists() else hf_path
+        (staging / "README.md").write_text(
+            model_card(target.name, hub_id, _source_license(model_path))
+        )
+        # The loader's own checks (names, shapes, quantization) on the result,
+        # lazily: no weight is read.
+        load_model(staging, lazy=True)
+    print(f"[INFO] Saved {target}")
+
+    if upload_repo is not None:
+        upload_to_hub(target, upload_repo)
+    return target
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """One line, not the usage block: bad flags read like other errors."""
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def configure_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="python -m mlx_diffgemma.convert",
+        description=(
+            "Convert DiffusionGemma from the Hugging Face Hub (or a local directory) to "
+            "MLX, optionally quantized. Converts tensor by tensor: memory stays well "
+            "below the checkpoint's size."
+        ),
+    )
+    parser.add_argument(
+        "--hf-path", "--model", default=DEFAULT_MODEL,
+        help=f"Local directory or Hub id of the source model (default: {DEFAULT_MODEL}).",
+    )
+    parser.add_argument(
+        "--mlx-path", default=None,
+        help="Output directory (default: the source name with the bits or dtype, "
+        "e.g. diffusiongemma-26B-A4B-it-4bit).",
+    )
+    parser.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit).")
+    parser.add_argument(
+        "-q", "--quantize", action="store_true",
+        help="Quantize (implied by any of --q-bits, --q-group-size, --q-mode, --recipe).",
+    )
+    parser.add_argument(
+        "--q-bits", type=int, choices=(2, 3, 4, 5, 6, 8), default=None,
+        help="Bits per weight for the experts (and, with --recipe uniform, everything). "
+        "Default: 4 (8 for mxfp8). affine takes any; mxfp4 and nvfp4 take 4, mxfp8 8.",
+    )
+    parser.add_argument(
+        "--q-group-size", type=int, choices=(16, 32, 64, 128), default=None,
+        help="Weights sharing one scale. Default: 64 for affine (which takes 32, 64, 128), "
+        "32 for mxfp4/mxfp8, 16 for nvfp4 (each takes only its default).",
+    )
+    parser.add_argument(
+        "--q-mode", choices=tuple(MODES), default=None,
+        help="Quantization format: affine (scale and bias per group; default), or the "
+        "floating-point formats mxfp4, mxfp8, nvfp4.",
+    )
+    parser.add_argument(
+        "--recipe", choices=tuple(RECIPES), default=None,
+        help="What is quantized how. mixed (default): experts at --q-bits; embedding, "
+        "attention, dense MLP and self-conditioning at 8-bit; router in --dtype. uniform: "
+        "everything at --q-bits. experts-only: experts at --q-bits, the rest in --dtype. "
+        "Norms and scalars are never quantized.",
+    )
+    parser.add_argument(
+        "--dtype", choices=DTYPES, default=None,
+        help="Type of the unquantized weights and of the affine scales (default: the "
+        "source config's dtype).",
+    )
+    parser.add_argument(
+        "-d", "--dequantize", action="store_true",
+        help="Turn an MLX-quantized DiffusionGemma (ours or mlx-vlm's) back into float.",
+    )
+    parser.add_argument("--upload-repo", default=None,
+                        help="Hugging Face repo to upload the converted model to.")
+    parser.add_argument("--force", action="store_true",
+                        help="Replace an existing --mlx-path (once the new model is complete).")
+    return parser
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv=None):
+    args = configure_parser().parse_args(argv)
+    # A plain `kill` also goes through the cleanup of the partial output.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        convert(**vars(args))
+    except (ConvertError, LoadError, ConfigError, ShardError, OSError) as e:
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written to the output path", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
