@@ -13,7 +13,8 @@ from mlx_diffgemma.config import ConfigError, ModelArgs
 from mlx_diffgemma.utils import LoadError, load_model
 from reference import build_reference
 
-RELEASED = Path(__file__).parents[2] / "shared/reference/diffusiongemma-26B-A4B-it"
+# The released checkpoint's configs (copied from shared/reference).
+RELEASED = Path(__file__).parent / "data/diffusiongemma-26B-A4B-it"
 
 
 @pytest.fixture(scope="module")
