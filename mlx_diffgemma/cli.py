@@ -1,0 +1,315 @@
+"""What `python -m mlx_diffgemma.generate` and `.chat` share: flags, loading, stats.
+
+Errors a user can cause (a bad flag, a missing model, a model too big for the
+machine) end the command with one line on stderr, never a traceback.
+"""
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+import mlx.core as mx
+
+from .utils import DEFAULT_MODEL, LoadError
+
+CONVERT_COMMAND = "python -m mlx_diffgemma.convert --q-bits 4"
+
+SAMPLER_FLAGS = (
+    "max_denoising_steps",
+    "t_min",
+    "t_max",
+    "entropy_bound",
+    "stability_threshold",
+    "confidence_threshold",
+)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors: the usage is a screenful, --help shows it."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _number(kind, minimum, inclusive=True):
+    """An argparse type: ``kind`` (int or float) no smaller than ``minimum``."""
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if value < minimum or (value == minimum and not inclusive):
+            relation = ">=" if inclusive else ">"
+            raise argparse.ArgumentTypeError(f"must be {relation} {minimum:g} (got {text})")
+        return value
+
+    return parse
+
+
+positive_int = _number(int, 1)
+non_negative_int = _number(int, 0)
+non_negative_float = _number(float, 0.0)
+positive_float = _number(float, 0.0, inclusive=False)
+
+
+def json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e})")
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object, e.g. '{\"key\": \"value\"}'")
+    return value
+
+
+def str2bool(text: str) -> bool:
+    # As mlx_lm.generate's --verbose: "True"/"T"/"False"/"F", any case.
+    if text.lower() in ("true", "t", "yes", "y", "1"):
+        return True
+    if text.lower() in ("false", "f", "no", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser):
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        metavar="PATH_OR_REPO",
+        help=f"Local model directory or Hugging Face repo (default: {DEFAULT_MODEL}).",
+    )
+
+
+def add_sampler_arguments(parser: argparse.ArgumentParser):
+    """The diffusion sampler's flags. Unset flags stay None: the checkpoint's
+    generation_config.json decides."""
+    group = parser.add_argument_group(
+        "denoising", "Defaults come from the model's generation_config.json."
+    )
+    group.add_argument(
+        "--max-denoising-steps",
+        type=positive_int,
+        metavar="N",
+        help="Most denoising steps per canvas; a canvas stops earlier once stable and confident.",
+    )
+    group.add_argument(
+        "--t-min", type=non_negative_float, metavar="T", help="Temperature at the last step of a canvas."
+    )
+    group.add_argument(
+        "--t-max", type=positive_float, metavar="T", help="Temperature at the first step of a canvas."
+    )
+    group.add_argument(
+        "--entropy-bound",
+        type=positive_float,
+        metavar="NATS",
+        help="Entropy budget (nats) for the tokens accepted at each step.",
+    )
+    group.add_argument(
+        "--stability-threshold",
+        type=non_negative_int,
+        metavar="N",
+        help="Steps the argmax canvas must stay unchanged before it can stop.",
+    )
+    group.add_argument(
+        "--confidence-threshold",
+        type=positive_float,
+        metavar="NATS",
+        help="Mean entropy below which a stable canvas stops.",
+    )
+
+
+def add_output_arguments(parser: argparse.ArgumentParser):
+    parser.add_argument(
+        "--live",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Redraw the canvas being denoised in place (default: on when stdout is a terminal).",
+    )
+    parser.add_argument(
+        "--verbose",
+        type=str2bool,
+        nargs="?",
+        const=True,
+        metavar="BOOL",
+        default=False,
+        help="Print prompt and generation speed, canvases, steps and peak memory.",
+    )
+
+
+def sampler_params(args) -> Dict[str, object]:
+    """The sampler flags the user set (unset ones are left to the checkpoint)."""
+    return {name: getattr(args, name) for name in SAMPLER_FLAGS if getattr(args, name) is not None}
+
+
+# -- Will the weights fit? ----------------------------------------------------
+
+
+def memory_bytes() -> int:
+    """The memory the model can use: Metal's recommended working set on a Mac,
+    else the machine's physical memory."""
+    try:
+        info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
+    except Exception:
+        info = {}
+    for key in ("max_recommended_working_set_size", "memory_size", "total_memory"):
+        if info.get(key):
+            return int(info[key])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def local_weights_bytes(model_path: Path) -> int:
+    return sum(f.stat().st_size for f in model_path.glob("*.safetensors"))
+
+
+def hub_weights_bytes(repo: str, revision: Optional[str] = None, api=None) -> Optional[int]:
+    """Total size of a Hub repo's safetensors files, from the Hub's file listing
+    or, offline, from the local cache; None when neither can tell (the download
+    then says what is wrong)."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    try:
+        info = (api or HfApi()).model_info(repo, revision=revision, files_metadata=True, timeout=10)
+        sizes = [s.size or 0 for s in info.siblings or [] if s.rfilename.endswith(".safetensors")]
+        return sum(sizes) or None
+    except Exception:
+        pass
+    try:
+        cached = snapshot_download(
+            repo, revision=revision, allow_patterns=["*.safetensors"], local_files_only=True
+        )
+    except Exception:
+        return None
+    return local_weights_bytes(Path(cached)) or None
+
+
+def _is_repo_id(name: str) -> bool:
+    return name.count("/") == 1 and not name.startswith((".", "/", "~"))
+
+
+def _quantized_bits(model_path: Path) -> Optional[int]:
+    try:
+        config = json.loads((model_path / "config.json").read_text())
+        return int(config["quantization"]["bits"])
+    except Exception:
+        return None
+
+
+def check_memory(
+    model: str,
+    revision: Optional[str] = None,
+    memory: Optional[int] = None,
+    weights: Optional[int] = None,
+):
+    """Raise ``LoadError`` when ``model``'s weights are larger than ``memory``.
+
+    Runs before anything is downloaded: for a Hub repo the size comes from the
+    Hub's file listing, for a local directory from its *.safetensors files.
+    ``memory`` and ``weights`` (bytes) default to this machine's and the model's.
+    """
+    path = Path(model).expanduser()
+    bits = None
+    if weights is None:
+        if path.is_dir():
+            weights = local_weights_bytes(path)
+        elif _is_repo_id(model):
+            weights = hub_weights_bytes(model, revision)
+    if path.is_dir():
+        bits = _quantized_bits(path)
+    if not weights:
+        return  # unknown size: loading will report what is wrong
+    memory = memory_bytes() if memory is None else memory
+    if weights <= memory:
+        return
+    message = (
+        f"{model}: its weights take {weights / 1e9:.1f} GB, more than the "
+        f"{memory / 1e9:.1f} GB this machine can give the model"
+    )
+    if bits is not None and bits <= 4:
+        raise LoadError(f"{message}; it is already quantized to {bits} bits")
+    raise LoadError(f"{message}; convert it to 4 bits first: {convert_advice(model)}")
+
+
+def convert_advice(model: str) -> str:
+    """The command converting ``model`` to 4 bits, and how to run the result."""
+    command = CONVERT_COMMAND
+    if model != DEFAULT_MODEL:
+        command = f"python -m mlx_diffgemma.convert --hf-path {shlex.quote(model)} --q-bits 4"
+    # Where the converter writes by default (convert.default_mlx_path).
+    converted = f"{Path(model.rstrip('/')).name}-4bit"
+    return f"`{command}`, then run with --model {converted}"
+
+
+def load(model: str):
+    """``mlx_diffgemma.load`` for a command line: checks memory first, needs a tokenizer."""
+    from .utils import load as load_model
+
+    check_memory(model)
+    model_obj, tokenizer = load_model(model)
+    if tokenizer is None:
+        raise LoadError(f"{model}: no tokenizer files (tokenizer.json or tokenizer.model)")
+    return model_obj, tokenizer
+
+
+# -- Reporting ----------------------------------------------------------------
+
+
+class Progress:
+    """Denoising steps per canvas, counted from a stream of responses."""
+
+    def __init__(self, max_steps: int):
+        self.max_steps = max_steps
+        self.steps: Dict[int, int] = {}
+
+    def update(self, response):
+        # ``step`` counts down from max_steps to 1 within a canvas.
+        self.steps[response.canvas_index] = self.max_steps - response.step + 1
+
+    def status(self, response) -> str:
+        return (
+            f"canvas {response.canvas_index + 1}, "
+            f"step {self.steps.get(response.canvas_index, 0)}/{self.max_steps}"
+        )
+
+
+def print_stats(last, progress: Progress, conversation_tokens: Optional[int] = None, file=None):
+    file = file or sys.stdout
+    steps = [progress.steps[c] for c in sorted(progress.steps)]
+    prompt = f"{last.prompt_tokens} tokens"
+    if conversation_tokens is not None:
+        prompt += f" ({conversation_tokens} in the conversation)"
+    print("=" * 10, file=file)
+    print(f"Prompt: {prompt}, {last.prompt_tps:.3f} tokens-per-sec", file=file)
+    print(
+        f"Generation: {last.generation_tokens} tokens, {last.generation_tps:.3f} tokens-per-sec",
+        file=file,
+    )
+    print(
+        f"Canvases: {len(steps)}, denoising steps per canvas: "
+        f"{', '.join(map(str, steps))} ({sum(steps)} in all)",
+        file=file,
+    )
+    print(f"Tokens per forward: {last.tokens_per_forward:.2f}", file=file)
+    print(f"Peak memory: {last.peak_memory:.3f} GB", file=file, flush=True)
+
+
+def run(command: Callable[[], Optional[int]]):
+    """Run a command's body; user errors become ``error: ...`` and exit 1."""
+    try:
+        code = command()
+    except ValueError as e:  # LoadError and the sampler's checks among them
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:
+        # The reader went away (`| head`). Python would complain again when
+        # flushing stdout at exit: point it at /dev/null first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+    sys.exit(code or 0)
