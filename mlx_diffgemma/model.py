@@ -13,7 +13,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.rope_utils import initialize_rope
-from mlx_lm.models.switch_layers import SwitchGLU
+from mlx_lm.models.switch_layers import SwitchGLU, SwitchLinear
 
 from .cache import LayerCache, PromptCache
 from .config import ModelArgs
@@ -130,6 +130,51 @@ class Router(nn.Module):
         return top_k, weights * self.per_expert_scale[top_k]
 
 
+# Below this many (token, expert) pairs a step is small enough that
+# SwitchGLU's gather_mm is as fast as grouping (one token decodes 8 pairs).
+MIN_GROUPED_PAIRS = 64
+
+
+def expert_groups_on_host(glu: SwitchGLU, pairs: int) -> bool:
+    """Whether to run the experts as one matmul per expert (see grouped_switch_glu).
+
+    Only on the CPU, where MLX's gather_mm multiplies the (token, expert) pairs
+    one row at a time, about 10x slower than matmuls of the same size; Metal's
+    gather_mm groups sorted rows itself. Quantized experts keep gather_qmm.
+    """
+    return (
+        mx.default_device().type == mx.DeviceType.cpu
+        and pairs >= MIN_GROUPED_PAIRS
+        and type(glu.up_proj) is SwitchLinear
+        and "bias" not in glu.up_proj
+    )
+
+
+def grouped_switch_glu(glu: SwitchGLU, x: mx.array, indices: mx.array) -> mx.array:
+    """``glu(x, indices)`` as one dense product per expert over the rows routed to it.
+
+    The same sums as SwitchGLU (up to the order of additions inside a matmul).
+    Slicing the rows of each expert needs their counts on the host: one sync
+    per layer, which the CPU backend, running ops in order, barely notices.
+    """
+    k = indices.shape[-1]
+    experts = glu.up_proj.weight.shape[0]
+    flat = indices.flatten()
+    order = mx.argsort(flat)
+    rows = x.reshape(-1, x.shape[-1])[order // k]
+    counts = (flat[:, None] == mx.arange(experts)).sum(axis=0).tolist()
+    out, start = [], 0
+    for e, n in enumerate(counts):
+        if n:
+            h = rows[start : start + n]
+            start += n
+            up = h @ glu.up_proj.weight[e].T
+            gate = h @ glu.gate_proj.weight[e].T
+            out.append(glu.activation(up, gate) @ glu.down_proj.weight[e].T)
+    y = mx.concatenate(out)[mx.argsort(order)]
+    return y.reshape(*indices.shape, -1)
+
+
 class Experts(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -142,7 +187,10 @@ class Experts(nn.Module):
         )
 
     def __call__(self, x: mx.array, top_k: mx.array, weights: mx.array) -> mx.array:
-        y = self.switch_glu(x, top_k)
+        if expert_groups_on_host(self.switch_glu, top_k.size):
+            y = grouped_switch_glu(self.switch_glu, x, top_k)
+        else:
+            y = self.switch_glu(x, top_k)
         return (y * weights[..., None]).sum(axis=-2).astype(x.dtype)
 
 

@@ -13,6 +13,7 @@ import torch
 import mlx.core as mx
 from transformers import DynamicCache
 
+from mlx_diffgemma import model as model_module
 from mlx_diffgemma.utils import load_model
 from reference import CANVAS, VOCAB, build_reference
 
@@ -61,8 +62,19 @@ def tokens(rng, *shape):
     return rng.integers(0, VOCAB, shape)
 
 
+@pytest.fixture(params=["gather_mm", "grouped"])
+def experts_path(request, monkeypatch):
+    """Both ways of running the experts: SwitchGLU's gather_mm (Metal, and the
+    CPU for few tokens) and one matmul per expert (the CPU for many)."""
+    grouped = request.param == "grouped"
+    monkeypatch.setattr(model_module, "MIN_GROUPED_PAIRS", 1 if grouped else 10**9)
+    if grouped and mx.default_device().type != mx.DeviceType.cpu:
+        pytest.skip("the grouped experts run on the CPU only")
+    return request.param
+
+
 @pytest.mark.parametrize("batch", [1, 2])
-def test_encoder_hidden_states_and_cache(checkpoint, batch):
+def test_encoder_hidden_states_and_cache(checkpoint, batch, experts_path):
     ref, model = checkpoint
     ids = tokens(np.random.default_rng(batch), batch, PROMPT)
     rc = ref_cache(ref)
@@ -80,7 +92,7 @@ def test_encoder_hidden_states_and_cache(checkpoint, batch):
 
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("self_conditioning", [False, True])
-def test_denoise_logits(checkpoint, batch, self_conditioning):
+def test_denoise_logits(checkpoint, batch, self_conditioning, experts_path):
     ref, model = checkpoint
     rng = np.random.default_rng(10 + batch)
     ids, canvas = tokens(rng, batch, PROMPT), tokens(rng, batch, CANVAS)
