@@ -242,12 +242,7 @@ def setup_arg_parser():
         action="store_true",
         help="Start with thinking on (toggle with /think).",
     )
-    parser.add_argument(
-        "--chat-template-config",
-        type=cli.json_object,
-        metavar="JSON",
-        help="Extra arguments for the chat template, as a JSON object.",
-    )
+    cli.add_chat_template_argument(parser)
     cli.add_sampler_arguments(parser)
     cli.add_output_arguments(parser)
     return parser

@@ -85,6 +85,15 @@ def add_model_arguments(parser: argparse.ArgumentParser):
     )
 
 
+def add_chat_template_argument(parser: argparse.ArgumentParser):
+    parser.add_argument(
+        "--chat-template-config",
+        type=json_object,
+        metavar="JSON",
+        help="Extra arguments for the chat template, as a JSON object.",
+    )
+
+
 def add_sampler_arguments(parser: argparse.ArgumentParser):
     """The diffusion sampler's flags. Unset flags stay None: the checkpoint's
     generation_config.json decides."""

@@ -25,7 +25,7 @@ _REQUIRED = (
     "moe_intermediate_size",
 )
 
-_DEFAULT_ROPE = {
+DEFAULT_ROPE = {
     "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
     "full_attention": {
         "rope_type": "proportional",
@@ -55,7 +55,7 @@ class ModelArgs:
     layer_head_dims: List[int]
     layer_kv_heads: List[int]
     rope_parameters: Dict[str, Dict[str, Any]] = field(
-        default_factory=lambda: dict(_DEFAULT_ROPE)
+        default_factory=lambda: dict(DEFAULT_ROPE)
     )
     rms_norm_eps: float = 1e-6
     final_logit_softcapping: Optional[float] = 30.0
@@ -137,7 +137,7 @@ class ModelArgs:
                     f"{text['num_attention_heads']} attention heads"
                 )
 
-        rope = text.get("rope_parameters") or _DEFAULT_ROPE
+        rope = text.get("rope_parameters") or DEFAULT_ROPE
         for t in set(layer_types):
             if t not in rope:
                 raise ConfigError(f"{source}: rope_parameters has no entry for {t}")

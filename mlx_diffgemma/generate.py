@@ -476,12 +476,7 @@ def setup_arg_parser():
         action="store_true",
         help="Use the raw prompt without the model's chat template.",
     )
-    parser.add_argument(
-        "--chat-template-config",
-        type=cli.json_object,
-        metavar="JSON",
-        help="Extra arguments for the chat template, as a JSON object.",
-    )
+    cli.add_chat_template_argument(parser)
     parser.add_argument(
         "--enable-thinking",
         action="store_true",

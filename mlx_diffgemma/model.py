@@ -85,9 +85,7 @@ class Attention(nn.Module):
             max_position_embeddings=args.max_position_embeddings,
         )
 
-    def __call__(
-        self, x: mx.array, cache: LayerCache, mask: Optional[mx.array], encoding: bool
-    ) -> mx.array:
+    def __call__(self, x: mx.array, cache: LayerCache, mask: Optional[mx.array], encoding: bool) -> mx.array:
         B, L, _ = x.shape
         queries = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, -1))
         keys = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)
@@ -130,49 +128,74 @@ class Router(nn.Module):
         return top_k, weights * self.per_expert_scale[top_k]
 
 
-# Below this many (token, expert) pairs a step is small enough that
-# SwitchGLU's gather_mm is as fast as grouping (one token decodes 8 pairs).
-MIN_GROUPED_PAIRS = 64
+# Grouping pays once most experts get a row (pairs >= experts) and an
+# expert's matrix no longer sits in the cache: below this many weights each
+# row's matrix-vector product is already cheap (benchmarks/experts_crossover.py).
+MIN_GROUPED_EXPERT_WEIGHTS = 1 << 16
+
+# Groups are padded to the largest one; past this much padding (routing
+# piled onto few experts) gather_mm does less work.
+MAX_GROUPED_PADDING = 4
 
 
 def expert_groups_on_host(glu: SwitchGLU, pairs: int) -> bool:
-    """Whether to run the experts as one matmul per expert (see grouped_switch_glu).
+    """Whether the experts may run as one batched matmul over per-expert groups.
 
     Only on the CPU, where MLX's gather_mm multiplies the (token, expert) pairs
-    one row at a time, about 10x slower than matmuls of the same size; Metal's
-    gather_mm groups sorted rows itself. Quantized experts keep gather_qmm.
+    one row at a time; Metal's gather_mm groups sorted rows itself. Quantized
+    experts keep gather_qmm.
     """
+    proj = glu.up_proj
+    if mx.default_device().type != mx.DeviceType.cpu or type(proj) is not SwitchLinear:
+        return False
+    experts, out_dims, in_dims = proj.weight.shape
     return (
-        mx.default_device().type == mx.DeviceType.cpu
-        and pairs >= MIN_GROUPED_PAIRS
-        and type(glu.up_proj) is SwitchLinear
-        and "bias" not in glu.up_proj
+        "bias" not in proj
+        and pairs >= experts
+        and out_dims * in_dims >= MIN_GROUPED_EXPERT_WEIGHTS
     )
 
 
-def grouped_switch_glu(glu: SwitchGLU, x: mx.array, indices: mx.array) -> mx.array:
-    """``glu(x, indices)`` as one dense product per expert over the rows routed to it.
+def grouped_switch_glu(glu: SwitchGLU, x: mx.array, indices: mx.array) -> Optional[mx.array]:
+    """``glu(x, indices)`` with the rows of each expert gathered into a group.
 
-    The same sums as SwitchGLU (up to the order of additions inside a matmul).
-    Slicing the rows of each expert needs their counts on the host: one sync
-    per layer, which the CPU backend, running ops in order, barely notices.
+    The (token, expert) pairs are sorted by expert and their rows gathered into
+    groups padded to the largest one, [experts, capacity, hidden]; one batched matmul
+    per projection then runs every expert over its group. The same sums as
+    SwitchGLU, up to the order of additions inside a matmul. The capacity is
+    read on the host (one sync per layer, which the CPU backend, running ops in
+    order, barely notices). Returns None when routing is so uneven that the
+    padding would cost more than gather_mm.
     """
     k = indices.shape[-1]
     experts = glu.up_proj.weight.shape[0]
     flat = indices.flatten()
+    pairs = flat.size
+    counts = (flat[:, None] == mx.arange(experts)).sum(axis=0)
+    capacity = counts.max().item()
+    if experts * capacity > MAX_GROUPED_PADDING * pairs:
+        return None
+
+    # Group g = (expert e, rank r) takes the r-th pair routed to e, in token
+    # order, or a row of zeros past e's count.
     order = mx.argsort(flat)
-    rows = x.reshape(-1, x.shape[-1])[order // k]
-    counts = (flat[:, None] == mx.arange(experts)).sum(axis=0).tolist()
-    out, start = [], 0
-    for e, n in enumerate(counts):
-        if n:
-            h = rows[start : start + n]
-            start += n
-            up = h @ glu.up_proj.weight[e].T
-            gate = h @ glu.gate_proj.weight[e].T
-            out.append(glu.activation(up, gate) @ glu.down_proj.weight[e].T)
-    y = mx.concatenate(out)[mx.argsort(order)]
-    return y.reshape(*indices.shape, -1)
+    first = mx.cumsum(counts) - counts
+    rank = mx.arange(capacity)
+    filled = rank < counts[:, None]
+    pair = order[mx.minimum(first[:, None] + rank, pairs - 1)]
+    tokens = x.reshape(-1, x.shape[-1])
+    padded = mx.concatenate([tokens, mx.zeros_like(tokens[:1])])
+    groups = padded[mx.where(filled, pair // k, tokens.shape[0])]
+
+    def project(layer, h):
+        return h @ mx.swapaxes(layer.weight, -1, -2)
+
+    h = glu.activation(project(glu.up_proj, groups), project(glu.gate_proj, groups))
+    y = project(glu.down_proj, h).reshape(experts * capacity, -1)
+    # Each pair's row in y: its expert's group, at its rank within the group.
+    expert = flat[order]
+    slot = (expert * capacity + mx.arange(pairs) - first[expert])[mx.argsort(order)]
+    return y[slot].reshape(*indices.shape, -1)
 
 
 class Experts(nn.Module):
@@ -187,9 +210,10 @@ class Experts(nn.Module):
         )
 
     def __call__(self, x: mx.array, top_k: mx.array, weights: mx.array) -> mx.array:
+        y = None
         if expert_groups_on_host(self.switch_glu, top_k.size):
             y = grouped_switch_glu(self.switch_glu, x, top_k)
-        else:
+        if y is None:
             y = self.switch_glu(x, top_k)
         return (y * weights[..., None]).sum(axis=-2).astype(x.dtype)
 
@@ -215,9 +239,7 @@ class Layer(nn.Module):
         self.layer_scalar = mx.ones((1,))
         self.encoder_layer_scalar = mx.ones((1,))
 
-    def __call__(
-        self, x: mx.array, cache: LayerCache, mask: Optional[mx.array], encoding: bool
-    ) -> mx.array:
+    def __call__(self, x: mx.array, cache: LayerCache, mask: Optional[mx.array], encoding: bool) -> mx.array:
         h = x + self.post_attention_layernorm(
             self.self_attn(self.input_layernorm(x), cache, mask, encoding)
         )

@@ -67,7 +67,7 @@ def experts_path(request, monkeypatch):
     """Both ways of running the experts: SwitchGLU's gather_mm (Metal, and the
     CPU for few tokens) and one matmul per expert (the CPU for many)."""
     grouped = request.param == "grouped"
-    monkeypatch.setattr(model_module, "MIN_GROUPED_PAIRS", 1 if grouped else 10**9)
+    monkeypatch.setattr(model_module, "MIN_GROUPED_EXPERT_WEIGHTS", 0 if grouped else 10**12)
     if grouped and mx.default_device().type != mx.DeviceType.cpu:
         pytest.skip("the grouped experts run on the CPU only")
     return request.param
@@ -238,3 +238,18 @@ def test_bfloat16_checkpoint(tmp_path):
     assert ours <= 2 * bf16_noise, (ours, bf16_noise)
     # and the same argmax almost everywhere
     assert (logits.argmax(-1) == expected16.argmax(-1)).mean() > 0.9
+
+
+def test_experts_fall_back_to_gather_mm_when_routing_is_uneven(monkeypatch):
+    """Every token on one expert: padding the groups would cost more than
+    gather_mm, so the layer runs SwitchGLU as it is."""
+    from mlx_lm.models.switch_layers import SwitchGLU
+
+    monkeypatch.setattr(model_module, "MIN_GROUPED_EXPERT_WEIGHTS", 0)
+    glu = SwitchGLU(16, 8, 8, activation=model_module.GeGLU(), bias=False)
+    x = mx.random.normal((1, 12, 16), key=mx.random.key(0))
+    piled = mx.zeros((1, 12, 1), dtype=mx.int32)
+    assert model_module.expert_groups_on_host(glu, piled.size) == (mx.default_device() == mx.cpu)
+    assert model_module.grouped_switch_glu(glu, x, piled) is None
+    spread = mx.random.randint(0, 8, (1, 12, 1), key=mx.random.key(1))
+    assert mx.allclose(model_module.grouped_switch_glu(glu, x, spread), glu(x, spread), atol=1e-6)
