@@ -85,7 +85,9 @@ class Attention(nn.Module):
             max_position_embeddings=args.max_position_embeddings,
         )
 
-    def __call__(self, x: mx.array, cache: LayerCache, mask: Optional[mx.array], encoding: bool) -> mx.array:
+    def __call__(
+        self, x: mx.array, cache: LayerCache, mask: Optional[mx.array], encoding: bool
+    ) -> mx.array:
         B, L, _ = x.shape
         queries = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, -1))
         keys = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)
@@ -159,9 +161,9 @@ def expert_groups_on_host(glu: SwitchGLU, pairs: int) -> bool:
 def grouped_switch_glu(glu: SwitchGLU, x: mx.array, indices: mx.array) -> Optional[mx.array]:
     """``glu(x, indices)`` with the rows of each expert gathered into a group.
 
-    The (token, expert) pairs are sorted by expert and their rows gathered into
-    groups padded to the largest one, [experts, capacity, hidden]; one batched matmul
-    per projection then runs every expert over its group. The same sums as
+    The (token, expert) pairs are sorted by expert and their rows gathered
+    into groups padded to the largest one, [experts, capacity, hidden]; one
+    batched matmul per projection then runs every expert over its group. The same sums as
     SwitchGLU, up to the order of additions inside a matmul. The capacity is
     read on the host (one sync per layer, which the CPU backend, running ops in
     order, barely notices). Returns None when routing is so uneven that the
@@ -176,8 +178,8 @@ def grouped_switch_glu(glu: SwitchGLU, x: mx.array, indices: mx.array) -> Option
     if experts * capacity > MAX_GROUPED_PADDING * pairs:
         return None
 
-    # Group g = (expert e, rank r) takes the r-th pair routed to e, in token
-    # order, or a row of zeros past e's count.
+    # Group slot (expert e, rank r) takes the r-th pair routed to e, or a row
+    # of zeros past e's count.
     order = mx.argsort(flat)
     first = mx.cumsum(counts) - counts
     rank = mx.arange(capacity)
@@ -239,7 +241,9 @@ class Layer(nn.Module):
         self.layer_scalar = mx.ones((1,))
         self.encoder_layer_scalar = mx.ones((1,))
 
-    def __call__(self, x: mx.array, cache: LayerCache, mask: Optional[mx.array], encoding: bool) -> mx.array:
+    def __call__(
+        self, x: mx.array, cache: LayerCache, mask: Optional[mx.array], encoding: bool
+    ) -> mx.array:
         h = x + self.post_attention_layernorm(
             self.self_attn(self.input_layernorm(x), cache, mask, encoding)
         )

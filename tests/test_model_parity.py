@@ -65,7 +65,8 @@ def tokens(rng, *shape):
 @pytest.fixture(params=["gather_mm", "grouped"])
 def experts_path(request, monkeypatch):
     """Both ways of running the experts: SwitchGLU's gather_mm (Metal, and the
-    CPU for few tokens) and one matmul per expert (the CPU for many)."""
+    CPU for few tokens) and per-expert groups in one batched matmul (the CPU
+    for many)."""
     grouped = request.param == "grouped"
     monkeypatch.setattr(model_module, "MIN_GROUPED_EXPERT_WEIGHTS", 0 if grouped else 10**12)
     if grouped and mx.default_device().type != mx.DeviceType.cpu:
