@@ -10,12 +10,15 @@ softcap), the sampler's cumsum, and the LM head's matmul for scale. Medians of 5
 import mlx.core as mx
 
 from mlx_diffgemma import sampler
-from mlx_diffgemma.benchmark import interleaved_medians
+from mlx_diffgemma.benchmark import PRESETS, interleaved_medians
 
-CANVAS, VOCAB, HIDDEN = 256, 65_536, 704
+MINI = PRESETS["mini"]
+CANVAS = MINI["canvas_length"]
+VOCAB, HIDDEN = MINI["text_config"]["vocab_size"], MINI["text_config"]["hidden_size"]
 
 
 def softcap(x):
+    # mlx_diffgemma.model.softcap without its mx.compile, to time both.
     return mx.tanh(x / 30.0) * 30.0
 
 

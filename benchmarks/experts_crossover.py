@@ -34,7 +34,8 @@ def main():
         glu = SwitchGLU(hidden, width, experts, activation=GeGLU(), bias=False)
         mx.eval(glu.parameters())
         x = mx.random.normal((1, tokens, hidden))
-        indices = mx.random.randint(0, experts, (1, tokens, k))
+        # k distinct experts per token, as the router picks them.
+        indices = mx.argsort(mx.random.uniform(shape=(1, tokens, experts)), axis=-1)[..., :k]
         mx.eval(x, indices)
         chosen = "grouped" if expert_groups_on_host(glu, tokens * k) else "gather_mm"
         if grouped_switch_glu(glu, x, indices) is None:

@@ -20,12 +20,10 @@ the weights. Comparisons run that way only.
 import argparse
 import copy
 import gc
-import inspect
 import json
 import math
 import os
 import platform
-import shutil
 import statistics
 import sys
 import tempfile
@@ -41,8 +39,9 @@ from mlx.utils import tree_flatten
 
 from . import sampler
 from .config import DEFAULT_ROPE, ModelArgs
-from .generate import SamplerParams, stream_generate
+from .generate import PREFILL_STEP, SamplerParams, _denoise_rows, _self_conditioning, encode_prompt, stream_generate
 from .cache import PromptCache
+from .convert import DEFAULT_RECIPE, module_quantization, quantization_settings
 from .model import Model
 
 # ---------------------------------------------------------------------------
@@ -150,8 +149,6 @@ PRESETS = {
 
 COMPARISONS = ("transformers", "mlx-vlm", "ar")
 
-# Prompt tokens encoded per call, as generate does.
-PREFILL_STEP = 2048
 
 # Adaptive stopping off: no canvas' mean entropy is ever below this.
 NEVER_CONFIDENT = 1e-30
@@ -251,10 +248,6 @@ def machine_info() -> dict:
 # Building the model.
 
 
-def _dtype(name: str) -> mx.Dtype:
-    return getattr(mx, name)
-
-
 def random_model(config: dict, seed: int) -> Model:
     mx.random.seed(seed)
     model = Model(ModelArgs.from_dict(config))
@@ -275,22 +268,7 @@ def set_dtype(model: nn.Module, dtype: mx.Dtype):
 
 
 def quantize(model: Model, bits: int, group_size: Optional[int], recipe: Optional[str]) -> str:
-    """Quantize with the converter's recipe if there is one, else uniformly.
-
-    Returns a one-line description for the report.
-    """
-    try:
-        from .convert import DEFAULT_RECIPE, module_quantization, quantization_settings
-    except ImportError:
-        group_size = group_size or 64
-
-        def uniform(path, module):
-            # Linear, Embedding and SwitchLinear all quantize along the last axis.
-            return hasattr(module, "to_quantized") and module.weight.shape[-1] % group_size == 0
-
-        nn.quantize(model, group_size=group_size, bits=bits, class_predicate=uniform)
-        return f"{bits}-bit, group {group_size}, all Linear/Embedding/SwitchLinear"
-
+    """Quantize with one of the converter's recipes; a one-line description for the report."""
     recipe = recipe or DEFAULT_RECIPE
     requested = quantization_settings(q_bits=bits, q_group_size=group_size)
 
@@ -329,7 +307,7 @@ def write_hf_checkpoint(config: dict, path: Path, seed: int):
     torch.manual_seed(seed)
     hf_config = DiffusionGemmaConfig(
         text_config=copy.deepcopy(config["text_config"]),
-        vision_config=copy.deepcopy(config.get("vision_config") or _TINY_VISION),
+        vision_config=copy.deepcopy(config["vision_config"]),
         canvas_length=config["canvas_length"],
         eos_token_id=config.get("eos_token_id"),
     )
@@ -397,10 +375,12 @@ def sampler_overrides(fixed_steps: Optional[int], vocab: int) -> dict:
     )
 
 
-def run_generation(model: Model, prompts: List[List[int]], max_tokens: int, seed: int, overrides: dict) -> dict:
+def run_generation(
+    model: Model, prompts: List[List[int]], max_tokens: int, seed: int, overrides: dict, params: SamplerParams
+) -> dict:
     """One timed generation (after a short warm-up), measured from its stream of responses."""
     batch = prompts if len(prompts) > 1 else prompts[0]
-    warmup = dict(overrides, max_denoising_steps=min(2, SamplerParams.resolve(model, **overrides).max_denoising_steps))
+    warmup = dict(overrides, max_denoising_steps=min(2, params.max_denoising_steps))
     for _ in stream_generate(model, None, batch, max_tokens=model.canvas_length, seed=seed, **warmup):
         pass
     # MLX's buffer cache stays warm: clearing it would make the first timed
@@ -520,14 +500,7 @@ def _arrays(tree) -> List[mx.array]:
 
 def _uses_probs(model: Model) -> bool:
     """Whether a step hands the decoder its signal as probabilities (as generate does)."""
-    accepts = "self_conditioning_probs" in inspect.signature(model.denoise).parameters
-    return accepts and model.dtype == mx.float32
-
-
-def _self_conditioning_kwargs(model: Model, signal) -> dict:
-    if signal is None:
-        return {}
-    return {"self_conditioning_probs" if _uses_probs(model) else "self_conditioning": signal}
+    return model.dtype == mx.float32
 
 
 class Product(NamedTuple):
@@ -613,17 +586,18 @@ class StepInputs:
     temperature: float
 
 
+def _row_keys(key: mx.array, rows: int) -> List[mx.array]:
+    return [key] if rows == 1 else list(mx.random.split(key, rows))
+
+
 def prepare_step(model: Model, prompts: List[List[int]], params: SamplerParams, seed: int) -> StepInputs:
     cache = model.make_cache()
-    ids = mx.array(prompts)
-    for start in range(0, ids.shape[1], PREFILL_STEP):
-        model.encode(ids[:, start : start + PREFILL_STEP], cache)
-        mx.eval([c.state for c in cache])
+    encode_prompt(model, prompts, cache)
     N = params.max_denoising_steps
     noise_key, first_key, key = mx.random.split(mx.random.key(seed), 3)
     canvas = sampler.initial_canvas(noise_key, len(prompts), model.canvas_length, model.args.vocab_size)
     processed = model.denoise(canvas, cache) / params.temperature(N)
-    first = sampler.denoise_step_update(processed, params.entropy_bound, first_key)
+    first = _denoise_rows(processed, params.entropy_bound, _row_keys(first_key, len(prompts)))
     signal = first.probs if _uses_probs(model) else processed.astype(model.dtype)
     history = sampler.empty_argmax_history(params.stability_threshold, len(prompts), model.canvas_length)
     _, history = sampler.stable_and_confident(first.argmax_canvas, history, first.entropy, params.confidence_threshold)
@@ -637,11 +611,12 @@ def step_functions(model: Model, step: StepInputs, params: SamplerParams) -> Dic
     The parts run on what their submodules received in one real call of the
     decoder; a part whose submodule was not called maps to None.
     """
-    sc_kwargs = _self_conditioning_kwargs(model, step.signal)
+    sc_kwargs = _self_conditioning(step.signal, _uses_probs(model))
 
     def sampler_part(logits):
         processed = logits / step.temperature
-        update = sampler.denoise_step_update(processed, params.entropy_bound, step.key)
+        # Row by row, each on its own key, as stream_generate samples a batch.
+        update = _denoise_rows(processed, params.entropy_bound, _row_keys(step.key, step.canvas.shape[0]))
         stop, history = sampler.stable_and_confident(
             update.argmax_canvas, step.history, update.entropy, params.confidence_threshold
         )
@@ -845,7 +820,8 @@ def compare_mlx_vlm(path: Path, prompts, max_tokens: int, params: SamplerParams,
 
     Its own generate loop needs a tokenizer; this is that loop's entropy-bound
     branch (sampling at temperature 1 from the scheduled logits, as the
-    reference does) without detokenizing.
+    reference does) without detokenizing, and with full canvases as ours (by
+    default mlx-vlm shortens the last canvas to what is left, at least 64).
     """
     from mlx_vlm.generate import diffusion as vlm
     from mlx_vlm.utils import load_model
@@ -909,10 +885,9 @@ def compare_mlx_vlm(path: Path, prompts, max_tokens: int, params: SamplerParams,
     gc.collect()
     mx.reset_peak_memory()
     prompt_time, marks, total, tokens = generate(N, max_tokens)
-    steps = step_intervals(marks)
-    if N > 2:
-        # Full steps only: drop each canvas' argmax-only last step.
-        steps = step_intervals([m for i, m in enumerate(marks) if i + 1 < len(marks) and marks[i + 1][0] == m[0]])
+    # Full steps only: each canvas' last step takes just the argmax, so its
+    # mark is dropped (with N <= 2 no full step is left to time).
+    steps = step_intervals([m for i, m in enumerate(marks) if i + 1 < len(marks) and marks[i + 1][0] == m[0]])
     result = dict(
         implementation=f"mlx-vlm {_version('mlx-vlm')}",
         step_time_s=_median(steps),
@@ -1049,7 +1024,7 @@ def run_benchmark(options: Options) -> dict:
 def _run(options: Options, checkpoint: Optional[Path]) -> dict:
     _log("Building the model..." if checkpoint is None else f"Loading {checkpoint}...")
     model, config, source = _load_or_build(options, checkpoint)
-    dtype = _dtype(options.dtype) if options.dtype else None
+    dtype = getattr(mx, options.dtype) if options.dtype else None
     if dtype is not None:
         set_dtype(model, dtype)
     quantization = quantize(model, options.bits, options.group_size, options.recipe) if options.bits else None
@@ -1082,7 +1057,7 @@ def _run(options: Options, checkpoint: Optional[Path]) -> dict:
     )
 
     _log("Timing generation...")
-    result["generation"] = run_generation(model, prompts, options.max_tokens, options.seed, overrides)
+    result["generation"] = run_generation(model, prompts, options.max_tokens, options.seed, overrides, params)
     if options.breakdown:
         _log("Timing the parts of one denoising step...")
         result["breakdown"] = run_breakdown(model, prompts, params, options.repeats, options.seed)

@@ -10,9 +10,7 @@ import mlx.core as mx
 from .cache import PromptCache
 from .generate import GenerationResponse, stream_generate
 from .model import Model
-from .tokenizer import CHANNEL_END, CHANNEL_START, split_thinking
-
-END_OF_TURN = "<turn|>"
+from .tokenizer import CHANNEL_END, CHANNEL_START, END_OF_TURN, split_thinking
 
 
 @dataclass
@@ -93,6 +91,8 @@ def stream_chat(
     Once the stream is exhausted, its last response carries ``prompt_cache``
     (a ``ChatCache``) for the next turn.
     """
+    if tokenizer is None:
+        raise ValueError("chat needs a tokenizer with a chat template")
     template_kwargs = dict(chat_template_kwargs or {}, enable_thinking=enable_thinking)
     if tools is not None:
         template_kwargs["tools"] = tools
@@ -131,8 +131,6 @@ def chat(
     this answer as an ``assistant`` message, and the new message) so that only
     the new turn is encoded.
     """
-    if tokenizer is None:
-        raise ValueError("chat needs a tokenizer with a chat template")
     text, last = "", None
     for last in stream_chat(
         model, tokenizer, messages, prompt_cache, enable_thinking, tools, **params
@@ -275,7 +273,7 @@ def _read_line(interactive: bool) -> Optional[str]:
 def run_chat(args):
     from . import cli
     from .generate import SamplerParams
-    from .live import DIM, LiveView, PlainView
+    from .live import DIM
 
     interactive = sys.stdin.isatty()
     styled = sys.stdout.isatty()
@@ -287,10 +285,9 @@ def run_chat(args):
 
     model, tokenizer = cli.load(args.model)
     params = cli.sampler_params(args)
-    max_steps = SamplerParams.resolve(model, **params).max_denoising_steps
-    live = styled if args.live is None else args.live
-    view = LiveView() if live else PlainView(styled=styled)
-    thought_style = DIM if styled or live else None
+    SamplerParams.resolve(model, **params)  # bad settings fail before the first prompt
+    view = cli.make_view(args)
+    thought_style = DIM  # a plain view on a pipe drops styles itself
     template_kwargs = dict(args.chat_template_config or {})
     thinking = template_kwargs.pop("enable_thinking", args.enable_thinking)
 
@@ -331,7 +328,7 @@ def run_chat(args):
         turn += 1
         cached = prompt_cache.cache.offset if prompt_cache else 0
         formatter = ThoughtFormatter()
-        progress = cli.Progress(max_steps)
+        progress = cli.Progress()
         text, last = "", None
         try:
             with view:
@@ -351,7 +348,7 @@ def run_chat(args):
                         text += last.text
                         for kind, piece in formatter.feed(last.text):
                             view.write(piece, thought_style if kind == "thought" else None)
-                    else:
+                    elif view.wants_draft():
                         view.draft(formatter.preview(last.draft), progress.status(last))
         except (KeyboardInterrupt, ValueError) as e:
             # The cache may hold part of this turn: forget it, and the message.

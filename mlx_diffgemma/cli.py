@@ -150,6 +150,15 @@ def add_output_arguments(parser: argparse.ArgumentParser):
     )
 
 
+def make_view(args):
+    """The live view on a terminal (or as --live/--no-live says), else plain text."""
+    from .live import LiveView, PlainView
+
+    terminal = sys.stdout.isatty()
+    live = terminal if args.live is None else args.live
+    return LiveView() if live else PlainView(styled=terminal)
+
+
 def sampler_params(args) -> Dict[str, object]:
     """The sampler flags the user set (unset ones are left to the checkpoint)."""
     return {name: getattr(args, name) for name in SAMPLER_FLAGS if getattr(args, name) is not None}
@@ -270,18 +279,17 @@ def load(model: str):
 class Progress:
     """Denoising steps per canvas, counted from a stream of responses."""
 
-    def __init__(self, max_steps: int):
-        self.max_steps = max_steps
+    def __init__(self):
         self.steps: Dict[int, int] = {}
 
     def update(self, response):
-        # ``step`` counts down from max_steps to 1 within a canvas.
-        self.steps[response.canvas_index] = self.max_steps - response.step + 1
+        # ``step`` counts down from max_denoising_steps to 1 within a canvas.
+        self.steps[response.canvas_index] = response.max_denoising_steps - response.step + 1
 
     def status(self, response) -> str:
         return (
             f"canvas {response.canvas_index + 1}, "
-            f"step {self.steps.get(response.canvas_index, 0)}/{self.max_steps}"
+            f"step {self.steps.get(response.canvas_index, 0)}/{response.max_denoising_steps}"
         )
 
 

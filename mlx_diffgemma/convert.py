@@ -278,13 +278,6 @@ def plan_conversion(
         raise ConvertError(str(e)) from e
 
     rules = Rules(getattr(mx, dtype) if dtype else None)
-    modules = dict(model.named_modules())
-    # The stored settings in full (a config entry may leave out the mode).
-    stored = {
-        path: dict(group_size=modules[path].group_size, bits=modules[path].bits,
-                   mode=modules[path].mode)
-        for path in stored
-    }
     if dequantize:
         if not stored:
             raise ConvertError("the source is not quantized: nothing to dequantize")
@@ -295,7 +288,7 @@ def plan_conversion(
                 "the source is already quantized: convert from the float checkpoint "
                 "(or pass --dequantize)"
             )
-        for path, module in modules.items():
+        for path, module in model.named_modules():
             if hasattr(module, "to_quantized"):
                 params = module_quantization(recipe, path, module.weight.shape[-1], quantize)
                 if params is not None:
@@ -686,12 +679,13 @@ def configure_parser() -> argparse.ArgumentParser:
         help="Quantize (implied by any of --q-bits, --q-group-size, --q-mode, --recipe).",
     )
     parser.add_argument(
-        "--q-bits", type=int, choices=(2, 3, 4, 5, 6, 8), default=None,
+        "--q-bits", type=int, choices=sorted({b for m in MODES.values() for b in m["bits"]}), default=None,
         help="Bits per weight for the experts (and, with --recipe uniform, everything). "
         "Default: 4 (8 for mxfp8). affine takes any; mxfp4 and nvfp4 take 4, mxfp8 8.",
     )
     parser.add_argument(
-        "--q-group-size", type=int, choices=(16, 32, 64, 128), default=None,
+        "--q-group-size", type=int, default=None,
+        choices=sorted({g for m in MODES.values() for g in m["group_sizes"]}),
         help="Weights sharing one scale. Default: 64 for affine (which takes 32, 64, 128), "
         "32 for mxfp4/mxfp8, 16 for nvfp4 (each takes only its default).",
     )

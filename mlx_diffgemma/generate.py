@@ -7,7 +7,6 @@ sees them. The per-step math lives in ``sampler``; this module runs the loop.
 """
 
 import argparse
-import copy
 import math
 import secrets
 import sys
@@ -100,7 +99,8 @@ class GenerationResponse:
     text: str
     token_ids: List[int]
     canvas_index: int
-    step: int
+    step: int  # counts down from max_denoising_steps to 1 within a canvas
+    max_denoising_steps: int
     prompt_tokens: int
     prompt_tps: float
     generation_tokens: int
@@ -223,12 +223,8 @@ def stream_generate(
     prompt_time = time.perf_counter() - tic
     prompt_tps = B * prompt_tokens / max(prompt_time, 1e-9)
 
-    detokenizers = None
-    if tokenizer is not None:
-        # The wrapper holds one detokenizer; each row needs its own state.
-        detokenizers = [copy.copy(tokenizer.detokenizer) for _ in range(B)]
-        for d in detokenizers:
-            d.reset()
+    # mlx-lm's wrapper hands out a fresh detokenizer each time: one per row.
+    detokenizers = None if tokenizer is None else [tokenizer.detokenizer for _ in range(B)]
     finished_rows = [False] * B
     committed = [0] * B  # tokens returned per row (EOS excluded)
     valid = [0] * B  # non-pad tokens per row, EOS included: the reference's tokens/forward
@@ -243,6 +239,7 @@ def stream_generate(
             token_ids=ids,
             canvas_index=canvas_index,
             step=step,
+            max_denoising_steps=sp.max_denoising_steps,
             prompt_tokens=prompt_tokens,
             prompt_tps=prompt_tps,
             generation_tokens=committed[row],
@@ -269,6 +266,7 @@ def stream_generate(
         signal = None  # the previous step's self-conditioning input
         history = sampler.empty_argmax_history(sp.stability_threshold, B, C)
         stopped = mx.zeros((B,), dtype=mx.bool_)
+        any_stopped = False  # read back each step, so holding costs nothing until needed
         # Rows that finished on an earlier canvas still ride along in the batch,
         # but their passes do not count (as in the reference).
         resting = list(finished_rows)
@@ -285,7 +283,7 @@ def stream_generate(
             # model's dtype as the reference does; for float32 models that is
             # the softmax the sampler already took.
             new_signal = update.probs if probs_signal else processed.astype(model.dtype)
-            if B > 1 and signal is not None:
+            if any_stopped:
                 # Rows that already stopped keep their canvas, as the reference
                 # does. (A single row that stopped has left the loop.)
                 new_argmax = sampler.hold_finished_rows(stopped, argmax_canvas, new_argmax)
@@ -298,21 +296,24 @@ def stream_generate(
             argmax_canvas, canvas, signal = new_argmax, new_canvas, new_signal
             mx.eval(argmax_canvas, canvas, signal, stopped, history)
 
-            resting = [a or b for a, b in zip(resting, stopped.tolist())]
+            stopped_rows = stopped.tolist()
+            any_stopped = any(stopped_rows)
+            resting = [a or b for a, b in zip(resting, stopped_rows)]
             drafts = argmax_canvas.tolist()
             for r in range(B):
                 if not finished_rows[r]:
-                    draft, _ = _split_at_eos(drafts[r], sp.eos_token_id)
+                    draft, _ = sampler.split_at_eos(drafts[r], sp.eos_token_id)
                     yield response(r, "", [], canvas_index, step, draft_ids=draft)
             if all(resting):
                 break
 
-        rows = argmax_canvas.tolist()
+        # The last step's drafts are the argmax canvas being committed.
+        rows = drafts
         last_canvas = canvas_index == n_canvases - 1
         for r in range(B):
             if finished_rows[r]:
                 continue
-            ids, stop_token = _split_at_eos(rows[r], sp.eos_token_id)
+            ids, stop_token = sampler.split_at_eos(rows[r], sp.eos_token_id)
             valid[r] += len(ids) + (stop_token is not None)
             budget = max_tokens - committed[r]
             if len(ids) >= budget:
@@ -384,14 +385,6 @@ def _denoise_rows(processed: mx.array, entropy_bound: float, keys: List[mx.array
     return sampler.DenoiseStep(*(mx.concatenate(parts) for parts in zip(*rows)))
 
 
-def _split_at_eos(tokens: List[int], eos_ids: List[int]):
-    """Tokens before the first EOS, and that EOS (None if there is none)."""
-    for i, t in enumerate(tokens):
-        if t in eos_ids:
-            return tokens[:i], t
-    return tokens, None
-
-
 def generate(
     model: Model,
     tokenizer,
@@ -401,21 +394,21 @@ def generate(
     **params,
 ) -> Union[str, List[str]]:
     """Generate a completion for ``prompt`` (or a list for a batch of prompts)."""
+    from .cli import Progress, print_stats
+
     is_batch = _is_batch(prompt)
     texts: Dict[int, str] = {}
     last = None
+    progress = Progress()
     for last in stream_generate(model, tokenizer, prompt, max_tokens, **params):
+        progress.update(last)
         if last.text or last.row not in texts:
             texts[last.row] = texts.get(last.row, "") + last.text
         if verbose and not is_batch and last.text:
             print(last.text, end="", flush=True)
     if verbose and last is not None:
         print()
-        print("=" * 10)
-        print(f"Prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.3f} tokens-per-sec")
-        print(f"Generation: {last.generation_tokens} tokens, {last.generation_tps:.3f} tokens-per-sec")
-        print(f"Denoising steps: {last.denoising_steps}, tokens per forward: {last.tokens_per_forward:.2f}")
-        print(f"Peak memory: {last.peak_memory:.3f} GB")
+        print_stats(last, progress)
     if is_batch:
         return [texts.get(i, "") for i in range(len(texts))]
     return texts.get(0, "")
@@ -496,7 +489,6 @@ def main():
 
 def run_generate(args):
     from . import cli
-    from .live import LiveView, PlainView
 
     prompt = args.prompt.replace("\\n", "\n").replace("\\t", "\t")
     if prompt == "-":
@@ -513,10 +505,9 @@ def run_generate(args):
         )
 
     params = cli.sampler_params(args)
-    # Resolving checks the flags together with the checkpoint's defaults.
-    progress = cli.Progress(SamplerParams.resolve(model, **params).max_denoising_steps)
-    live = sys.stdout.isatty() if args.live is None else args.live
-    view = LiveView() if live else PlainView(styled=sys.stdout.isatty())
+    SamplerParams.resolve(model, **params)  # bad settings fail before the view opens
+    progress = cli.Progress()
+    view = cli.make_view(args)
     last = None
     with view:
         for last in stream_generate(
@@ -525,7 +516,7 @@ def run_generate(args):
             progress.update(last)
             if last.token_ids or last.finish_reason:
                 view.write(last.text)
-            else:
+            elif view.wants_draft():
                 view.draft(last.draft, progress.status(last))
     if args.verbose:
         cli.print_stats(last, progress)

@@ -124,6 +124,10 @@ class PlainView:
                 text = style + text + RESET
         self._emit(text)
 
+    def wants_draft(self) -> bool:
+        """Whether a draft given now would be drawn (ask before decoding one)."""
+        return False
+
     def draft(self, text: str, status: str = ""):
         """The canvas being denoised: not shown."""
 
@@ -180,11 +184,13 @@ class LiveView(PlainView):
             text = style + text + RESET
         self._emit(out + text)
 
+    def wants_draft(self) -> bool:
+        return time.monotonic() - self.last_draw >= self.min_interval
+
     def draft(self, text: str, status: str = ""):
-        now = time.monotonic()
-        if now - self.last_draw < self.min_interval:
+        if not self.wants_draft():
             return
-        self.last_draw = now
+        self.last_draw = time.monotonic()
         width, height = self.terminal_size()
         out = self._erase()
         if not self.cursor_hidden:

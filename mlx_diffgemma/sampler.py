@@ -15,7 +15,7 @@ Tokens are int32 throughout: MLX's categorical/argmax return uint32, and mixing
 the two would promote comparisons and `where`s to int64.
 """
 
-from typing import NamedTuple, Sequence, Tuple, Union
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import mlx.core as mx
 
@@ -101,11 +101,6 @@ def entropy_bound_accept(entropy: mx.array, entropy_bound: float) -> mx.array:
     return mx.put_along_axis(
         mx.zeros(entropy.shape, dtype=mx.bool_), order, accept_sorted, axis=-1
     )
-
-
-def sample_tokens(processed_logits: mx.array, key: mx.array) -> mx.array:
-    """One token per position from softmax(processed_logits)."""
-    return sample_from(distribution(processed_logits), key)
 
 
 def sample_from(dist: Distribution, key: mx.array) -> mx.array:
@@ -217,15 +212,13 @@ def stable_and_confident(
     return stable & confident, history
 
 
-def truncate_after_eos(
-    tokens: mx.array, eos_ids: Union[int, Sequence[int]], pad_id: int
-) -> mx.array:
-    """Per row, keep tokens up to and including the first EOS; pad the rest.
+def split_at_eos(tokens: Sequence[int], eos_ids: Sequence[int]) -> Tuple[List[int], Optional[int]]:
+    """A committed row's tokens before its first EOS, and that EOS (None if none).
 
-    Rows without an EOS are unchanged. `eos_ids` may list several end ids.
+    The reference keeps the row up to and including the first EOS and pads the
+    rest; the caller counts the EOS but does not return it as text.
     """
-    if isinstance(eos_ids, int):
-        eos_ids = [eos_ids]
-    is_eos = (tokens[..., None] == mx.array(eos_ids, dtype=tokens.dtype)).any(axis=-1)
-    eos_before = mx.cumsum(is_eos.astype(mx.int32), axis=-1, inclusive=False)
-    return mx.where(eos_before > 0, mx.array(pad_id, dtype=tokens.dtype), tokens)
+    for i, t in enumerate(tokens):
+        if t in eos_ids:
+            return list(tokens[:i]), t
+    return list(tokens), None

@@ -39,8 +39,6 @@ __all__ = [
     "load_tokenizer",
     "read_eos_token_ids",
     "split_thinking",
-    "THOUGHT_START",
-    "THOUGHT_END",
     "END_OF_TURN",
 ]
 
@@ -48,8 +46,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 CHANNEL_START = "<|channel>"
 CHANNEL_END = "<channel|>"
-THOUGHT_START = "<|channel>thought\n"
-THOUGHT_END = CHANNEL_END
 END_OF_TURN = "<turn|>"
 _END_MARKERS = (END_OF_TURN, "<eos>")
 
@@ -64,14 +60,12 @@ class GemmaStreamingDetokenizer(StreamingDetokenizer):
     Ids outside the vocabulary decode to nothing, as in `tokenizer.decode`.
     """
 
-    def __init__(self, tokenizer, trim_space: bool = False, tokenmap=None):
+    def __init__(self, tokenizer, trim_space: bool = False):
         super().__init__()
         self.trim_space = trim_space
-        if tokenmap is None:
-            tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-            tokenmap = [_token_entry(t) for t in tokens]
+        tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
         # Per id: an int (a byte token's value), the text of the piece, or None.
-        self.tokenmap = tokenmap
+        self.tokenmap = [_token_entry(t) for t in tokens]
         self.reset()
 
     def reset(self):

@@ -166,7 +166,9 @@ def stored_quantization(
             continue
         entry = overrides.get(path, True)
         if isinstance(entry, dict):
-            params[path] = entry
+            # mlx-lm leaves the mode out of affine entries; complete it here
+            # so every user of these settings sees them whole.
+            params[path] = dict(entry, mode=entry.get("mode", "affine"))
         elif entry:
             try:
                 params[path] = infer_quant_config(path, module, weights)

@@ -383,7 +383,7 @@ def test_same_key_same_step_different_key_different_step():
     direct_noise = np.array(sampler.initial_canvas(key, 2, 32, 100))
     assert np.mean(direct_noise[noise_pos] == np.array(a.next_canvas)[noise_pos]) < 0.1
     all_sampled = sampler.denoise_step_update(logits, 1e9, key).next_canvas
-    direct_samples = np.array(sampler.sample_tokens(logits, key))
+    direct_samples = np.array(sampler.sample_from(sampler.distribution(logits), key))
     assert np.mean(direct_samples == np.array(all_sampled)) < 0.1
 
 
@@ -506,7 +506,18 @@ def reference_finalize(canvas: np.ndarray, eos_ids, pad_id) -> np.ndarray:
     return out[:, -length:].numpy()
 
 
-def test_truncate_after_eos_matches_reference_cases():
+def finalize(rows, eos_ids, pad_id):
+    """What generation commits per row (split_at_eos: tokens, then the EOS),
+    written back in the reference's form: the row through its first EOS, padded."""
+    out = np.full_like(rows, pad_id)
+    for r, row in enumerate(rows.tolist()):
+        ids, stop = sampler.split_at_eos(row, eos_ids)
+        kept = ids + ([stop] if stop is not None else [])
+        out[r, : len(kept)] = kept
+    return out
+
+
+def test_split_at_eos_matches_reference_cases():
     eos, pad = [1, 106, 50], 0
     rows = np.array(
         [
@@ -520,18 +531,18 @@ def test_truncate_after_eos_matches_reference_cases():
         ]
     )
     expected = reference_finalize(rows, eos, pad)
-    ours = np.array(sampler.truncate_after_eos(mx.array(rows, dtype=mx.int32), eos, pad))
+    ours = finalize(rows, eos, pad)
     np.testing.assert_array_equal(ours, expected)
     np.testing.assert_array_equal(ours[1], [5, 6, 7, 106, 0, 0, 0, 0])
     np.testing.assert_array_equal(ours[3], rows[3])
 
 
 @pytest.mark.parametrize("eos", [2, [2], [2, 3, 4]])
-def test_truncate_after_eos_matches_reference_random(eos):
+def test_split_at_eos_matches_reference_random(eos):
     rng = np.random.default_rng(14)
     rows = rng.integers(0, 40, size=(64, 32))
     eos_list = [eos] if isinstance(eos, int) else eos
     expected = reference_finalize(rows, eos_list, 0)
-    ours = np.array(sampler.truncate_after_eos(mx.array(rows, dtype=mx.int32), eos, 0))
+    ours = finalize(rows, eos_list, 0)
     np.testing.assert_array_equal(ours, expected)
     assert (ours != rows).any()
