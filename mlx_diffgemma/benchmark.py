@@ -60,7 +60,19 @@ _TINY_VISION = dict(
 )
 
 
-def _preset(canvas_length: int, **text) -> dict:
+def _preset(canvas_length: int = 256, **widths) -> dict:
+    """A config with the released model's head counts, window and top-k
+    unless ``widths`` says otherwise; full layers' heads are twice as wide."""
+    text = dict(
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        num_global_key_value_heads=2,
+        sliding_window=1024,
+        top_k_experts=8,
+        max_position_embeddings=262_144,
+        global_head_dim=2 * widths["head_dim"],
+    )
+    text.update(widths)
     layers = text["num_hidden_layers"]
     # The released pattern: five sliding-window layers, then one full layer.
     pattern = ["sliding_attention"] * 5 + ["full_attention"]
@@ -100,7 +112,6 @@ PRESETS = {
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=32,
-        global_head_dim=64,
         num_global_key_value_heads=1,
         sliding_window=128,
         vocab_size=4096,
@@ -111,39 +122,23 @@ PRESETS = {
     # The real model's proportions at about 1/4 of its widths, 6 of its 30
     # layers (5 sliding + 1 full) and 1/4 of its vocabulary; real canvas and window.
     "mini": _preset(
-        canvas_length=256,
         hidden_size=704,
         intermediate_size=528,
         moe_intermediate_size=176,
         num_hidden_layers=6,
-        num_attention_heads=16,
-        num_key_value_heads=8,
         head_dim=64,
-        global_head_dim=128,
-        num_global_key_value_heads=2,
-        sliding_window=1024,
         vocab_size=65_536,
         num_experts=32,
-        top_k_experts=8,
-        max_position_embeddings=262_144,
     ),
     # google/diffusiongemma-26B-A4B-it's shapes (about 100 GB in float32).
     "full": _preset(
-        canvas_length=256,
         hidden_size=2816,
         intermediate_size=2112,
         moe_intermediate_size=704,
         num_hidden_layers=30,
-        num_attention_heads=16,
-        num_key_value_heads=8,
         head_dim=256,
-        global_head_dim=512,
-        num_global_key_value_heads=2,
-        sliding_window=1024,
         vocab_size=262_144,
         num_experts=128,
-        top_k_experts=8,
-        max_position_embeddings=262_144,
     ),
 }
 
