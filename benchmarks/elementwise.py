@@ -10,7 +10,8 @@ softcap), the sampler's cumsum, and the LM head's matmul for scale. Medians of 5
 import mlx.core as mx
 
 from mlx_diffgemma import sampler
-from mlx_diffgemma.benchmark import PRESETS, interleaved_medians
+from mlx_diffgemma.benchmark import PRESETS
+from mlx_diffgemma.benchmark.common import interleaved_medians
 
 MINI = PRESETS["mini"]
 CANVAS = MINI["canvas_length"]

@@ -3,7 +3,7 @@
     python benchmarks/experts_crossover.py
 
 Times one SwitchGLU call both ways (mlx-lm's gather_mm path, and
-mlx_diffgemma.model.grouped_switch_glu) at the widths of the benchmark presets
+mlx_diffgemma.cpu_experts.grouped_switch_glu) at the widths of the benchmark presets
 and the released model, and prints which one the model picks
 (expert_groups_on_host). Random weights; medians of 5, taking turns.
 """
@@ -11,8 +11,9 @@ and the released model, and prints which one the model picks
 import mlx.core as mx
 from mlx_lm.models.switch_layers import SwitchGLU
 
-from mlx_diffgemma.benchmark import interleaved_medians
-from mlx_diffgemma.model import GeGLU, expert_groups_on_host, grouped_switch_glu
+from mlx_diffgemma.benchmark.common import interleaved_medians
+from mlx_diffgemma.cpu_experts import expert_groups_on_host, grouped_switch_glu
+from mlx_diffgemma.model import GeGLU
 
 CASES = [
     # name, experts, hidden, expert width, top-k, tokens

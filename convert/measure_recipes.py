@@ -12,18 +12,23 @@ float model's logits: RMS and max abs difference (logits are soft-capped at
 30; the float logits' RMS is about 2), and top-1 agreement over the canvas
 positions. Mean over seeds (checkpoints) and 4 prompts each.
 
-Size: the released checkpoint's tensors (shared/reference/.../weights.tsv)
-planned by the converter itself, in bfloat16: exact bytes of weights, scales
-and biases.
+Size: the released checkpoint's tensors
+(tests/data/diffusiongemma-26B-A4B-it/weights.tsv) planned by the converter
+itself, in bfloat16: exact bytes of weights, scales and biases.
 
 Rows below the named recipes are variants for choosing the default: other
 group sizes and float formats for the experts, the mixed recipe with the
 embedding kept in bf16 or the router at 8-bit, and each piece alone at the
 requested bits (everything else float), which shows where the error comes
 from. (The toy's widths are 64, so its group-128 row is its group-64 row.)
+
+Needs the test extras (torch, transformers): pip install -e '.[test]'.
 """
 
 import argparse
+import contextlib
+import importlib.util
+import io
 import json
 import sys
 import tempfile
@@ -31,26 +36,41 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
-from convert_reference import (  # noqa: E402
-    build_quantization_reference,
-    logit_error,
-    quantization_logits,
-)
-
-from mlx_diffgemma.convert import (  # noqa: E402
+from mlx_diffgemma.convert import (
     PIECES,
     RECIPES,
     convert,
     plan_conversion,
     quantization_settings,
 )
-from mlx_diffgemma.shards import Slot  # noqa: E402
-from mlx_diffgemma.utils import load_model  # noqa: E402
+from mlx_diffgemma.shards import Slot
+from mlx_diffgemma.utils import load_model
 
-RELEASED = ROOT.parent / "shared/reference/diffusiongemma-26B-A4B-it"
+ROOT = Path(__file__).resolve().parents[1]
+# The released checkpoint's configs and tensor listing, kept with the tests.
+RELEASED = ROOT / "tests/data/diffusiongemma-26B-A4B-it"
+
+
+def load_test_helper(name: str):
+    """tests/<name>.py, imported from its file as module ``name``.
+
+    The tests' checkpoint builders are shared with the tests rather than copied,
+    so the measurement runs on exactly what test_convert.py checks. They import
+    each other by bare name (pytest's conftest puts tests/ on sys.path); being
+    registered in sys.modules under that name does the same here.
+    """
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tests" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+load_test_helper("reference")  # imported by convert_reference
+convert_reference = load_test_helper("convert_reference")
+build_quantization_reference = convert_reference.build_quantization_reference
+logit_error = convert_reference.logit_error
+quantization_logits = convert_reference.quantization_logits
 
 
 def released_plan_bytes(options: dict) -> int:
@@ -118,13 +138,11 @@ def main():
 
 
 if __name__ == "__main__":
-    import contextlib
-    import io
-
-    # convert() reports each conversion; only the table is wanted here.
-    with contextlib.redirect_stdout(io.StringIO()) as log:
-        try:
+    # convert() reports each conversion; only the table (or --help) is wanted here,
+    # also when main() stops early.
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log):
             main()
-        finally:
-            table = log.getvalue().splitlines()
-    print("\n".join(line for line in table if not line.startswith("[INFO]")))
+    finally:
+        print("\n".join(line for line in log.getvalue().splitlines() if not line.startswith("[INFO]")))

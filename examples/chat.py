@@ -20,7 +20,7 @@ messages += [
     {"role": "assistant", "content": reply.answer},
     {"role": "user", "content": "Which of them is the longest?"},
 ]
-reply = chat(model, tokenizer, messages, prompt_cache=reply.prompt_cache, max_tokens=512)
+reply = chat(model, tokenizer, messages, chat_cache=reply.chat_cache, max_tokens=512)
 print(reply.answer)
 print(f"(the follow-up encoded {reply.prompt_tokens} new tokens)")
 

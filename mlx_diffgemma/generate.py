@@ -1,18 +1,29 @@
-"""Block-diffusion generation: canvases denoised one after another.
+"""Block-diffusion generation, layered as mlx-lm's generate.py is.
 
-For each canvas: start from uniform noise, denoise it for up to
-``max_denoising_steps`` steps (stopping early once it is stable and confident),
-commit its argmax tokens, and encode them into the cache so the next canvas
-sees them. The per-step math lives in ``sampler``; this module runs the loop.
+- ``denoise_step`` runs one denoising step on a canvas. It is the one place
+  outside the model that calls ``model.denoise``; the benchmark times it too.
+- ``generate_step`` runs the canvases for context already in the cache: for
+  each canvas it starts from uniform noise, denoises it for up to
+  ``max_denoising_steps`` steps (stopping early once it is stable and
+  confident), commits its argmax tokens and encodes them into the cache so the
+  next canvas sees them. It yields a ``DenoisingStep`` per step and a
+  ``CanvasCommit`` per canvas: token ids and device arrays, no text, no timing.
+- ``stream_generate`` encodes the prompt and turns those events into
+  ``GenerationResponse``s: detokenized text, drafts and statistics.
+- ``generate`` collects a stream (and prints it with ``verbose``); ``chat``,
+  the command lines and the benchmark build on the same pieces.
+
+The per-step math lives in ``sampler``; docs/generation.md describes the
+layers and what a step waits for.
 """
 
-import argparse
 import math
+import numbers
 import secrets
 import sys
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Union
 
 import mlx.core as mx
 
@@ -25,6 +36,21 @@ PREFILL_STEP = 2048
 Prompt = Union[str, Sequence[int]]
 
 
+# -- The sampler's settings ---------------------------------------------------
+
+
+def _setting(default, kind, minimum, help: str, metavar: str, inclusive: bool = True):
+    """A sampler setting: its default, type, lower bound and help text.
+
+    The command lines build their flags from these, so a setting is defined,
+    checked and documented in one place.
+    """
+    return field(
+        default=default,
+        metadata=dict(kind=kind, minimum=minimum, inclusive=inclusive, help=help, metavar=metavar),
+    )
+
+
 @dataclass
 class SamplerParams:
     """The diffusion sampler's settings, named as in transformers.
@@ -33,12 +59,22 @@ class SamplerParams:
     generation_config.json leaves a value unset (transformers writes nulls).
     """
 
-    max_denoising_steps: int = 48
-    entropy_bound: float = 0.1
-    t_min: float = 0.4
-    t_max: float = 0.8
-    stability_threshold: int = 1
-    confidence_threshold: float = 0.005
+    max_denoising_steps: int = _setting(
+        48, int, 1, "Most denoising steps per canvas; a canvas stops earlier once stable and confident.", "N"
+    )
+    entropy_bound: float = _setting(
+        0.1, float, 0.0, "Entropy budget (nats) for the tokens accepted at each step.", "NATS", inclusive=False
+    )
+    t_min: float = _setting(0.4, float, 0.0, "Temperature at the last step of a canvas.", "T")
+    t_max: float = _setting(
+        0.8, float, 0.0, "Temperature at the first step of a canvas (above --t-min).", "T", inclusive=False
+    )
+    stability_threshold: int = _setting(
+        1, int, 0, "Steps the argmax canvas must stay unchanged before it can stop.", "N"
+    )
+    confidence_threshold: float = _setting(
+        0.005, float, 0.0, "Mean entropy (nats) below which a stable canvas stops.", "NATS", inclusive=False
+    )
     eos_token_id: List[int] = field(default_factory=lambda: [1])
     pad_token_id: int = 0
 
@@ -56,35 +92,345 @@ class SamplerParams:
         values["eos_token_id"] = list(eos) if isinstance(eos, (list, tuple)) else [eos]
         if gen.get("pad_token_id") is None:
             values["pad_token_id"] = model.args.pad_token_id
+        for name in SAMPLER_SETTINGS:
+            if name not in overrides or overrides[name] is None:
+                try:
+                    values[name] = check_setting(name, values[name])
+                except (TypeError, ValueError) as e:
+                    raise ValueError(f"the checkpoint's generation_config.json: {e}") from None
         for name, value in overrides.items():
             if name not in values:
                 raise TypeError(f"unknown generation parameter {name!r}")
             if value is not None:
-                values[name] = value
+                values[name] = check_setting(name, value) if name in SAMPLER_SETTINGS else value
         params = cls(**values)
         params.validate()
         return params
 
     def validate(self):
-        if not isinstance(self.max_denoising_steps, int) or self.max_denoising_steps < 1:
-            raise ValueError(
-                f"max_denoising_steps must be a positive integer (got {self.max_denoising_steps})"
-            )
-        if self.t_min < 0:
-            raise ValueError(f"t_min must be >= 0 (got {self.t_min})")
+        """What no single setting can check alone."""
         if self.t_max <= self.t_min:
             raise ValueError(f"t_max must be greater than t_min (got t_max={self.t_max}, t_min={self.t_min})")
-        if self.entropy_bound <= 0:
-            raise ValueError(f"entropy_bound must be > 0 (got {self.entropy_bound})")
-        if not isinstance(self.stability_threshold, int) or self.stability_threshold < 0:
-            raise ValueError(
-                f"stability_threshold must be an integer >= 0 (got {self.stability_threshold})"
-            )
-        if self.confidence_threshold <= 0:
-            raise ValueError(f"confidence_threshold must be > 0 (got {self.confidence_threshold})")
 
     def temperature(self, step: int) -> float:
         return sampler.temperature(step, self.max_denoising_steps, self.t_min, self.t_max)
+
+
+SAMPLER_SETTINGS = tuple(f.name for f in fields(SamplerParams) if "help" in f.metadata)
+SETTING_INFO = {f.name: dict(f.metadata, default=f.default) for f in fields(SamplerParams) if "help" in f.metadata}
+
+
+def setting_problem(name: str, value) -> Optional[str]:
+    """What is wrong with ``value`` for setting ``name`` (None: nothing), in a
+    phrase that reads after the setting's name: "must be > 0 (got 0)"."""
+    info = SETTING_INFO[name]
+    minimum, inclusive = info["minimum"], info["inclusive"]
+    shown = f"{value:g}" if isinstance(value, float) else str(value)
+    if not math.isfinite(value):
+        return f"must be a finite number (got {shown})"
+    if value < minimum or (value == minimum and not inclusive):
+        return f"must be {'>=' if inclusive else '>'} {minimum:g} (got {shown})"
+    return None
+
+
+def check_setting(name: str, value):
+    """``value`` as setting ``name`` takes it; TypeError or ValueError naming the setting."""
+    kind = SETTING_INFO[name]["kind"]
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {'an integer' if kind is int else 'a number'} (got {value!r})")
+    if kind is int:
+        if not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be an integer (got {value!r})")
+        value = int(value)
+    else:
+        value = float(value)
+    problem = setting_problem(name, value)
+    if problem:
+        raise ValueError(f"{name} {problem}")
+    return value
+
+
+# -- One denoising step -------------------------------------------------------
+
+
+class CanvasState(NamedTuple):
+    """What one denoising step hands the next, all on the device."""
+
+    canvas: mx.array  # [B, C] the decoder's input
+    argmax: mx.array  # [B, C] what would be committed if the canvas stopped now
+    signal: Optional[mx.array]  # self-conditioning input; None on a canvas' first step
+    history: mx.array  # [S, B, C] the last S argmax canvases, for the stop check
+    stopped: mx.array  # [B] bool: rows whose canvas has stopped
+
+    @classmethod
+    def start(cls, canvas: mx.array, params: SamplerParams) -> "CanvasState":
+        B, C = canvas.shape
+        history = sampler.empty_argmax_history(params.stability_threshold, B, C)
+        return cls(canvas, canvas, None, history, mx.zeros((B,), dtype=mx.bool_))
+
+
+def uses_probs(model: Model) -> bool:
+    """Whether the decoder takes the sampler's softmax as its signal.
+
+    The next step conditions on the processed logits, cast to the model's
+    dtype as the reference does; for float32 models that is the softmax the
+    sampler already took, which saves a pass over the vocabulary.
+    """
+    return model.dtype == mx.float32
+
+
+def denoise_step(
+    model: Model,
+    cache: PromptCache,
+    state: CanvasState,
+    params: SamplerParams,
+    step: int,
+    keys: List[mx.array],
+    fixed: Optional[sampler.FixedPositions] = None,
+    hold: bool = False,
+):
+    """One denoising step: the decoder's logits for ``state.canvas``, then the sampler.
+
+    Returns the next ``CanvasState`` and the step's ``sampler.DenoiseStep``
+    (entropies, acceptance), all lazy. ``step`` counts down from
+    ``max_denoising_steps``; ``keys`` holds one PRNG key per row. ``hold``
+    keeps the canvas of rows that already stopped (``state.stopped``), as the
+    reference does while other rows go on.
+    """
+    signal = state.signal
+    if signal is None:
+        conditioning = {}
+    elif uses_probs(model):
+        conditioning = {"self_conditioning_probs": signal}
+    else:
+        conditioning = {"self_conditioning": signal}
+    logits = model.denoise(state.canvas, cache, **conditioning)
+    return sample_step(model, logits, state, params, step, keys, fixed, hold)
+
+
+def sample_step(
+    model: Model,
+    logits: mx.array,
+    state: CanvasState,
+    params: SamplerParams,
+    step: int,
+    keys: List[mx.array],
+    fixed: Optional[sampler.FixedPositions] = None,
+    hold: bool = False,
+):
+    """The sampler's half of ``denoise_step``, from the decoder's logits on."""
+    processed = logits / params.temperature(step)
+    update = _denoise_rows(processed, params.entropy_bound, keys, fixed)
+    argmax, canvas = update.argmax_canvas, update.next_canvas
+    signal = update.probs if uses_probs(model) else processed.astype(model.dtype)
+    if hold:
+        argmax = sampler.hold_finished_rows(state.stopped, state.argmax, argmax)
+        canvas = sampler.hold_finished_rows(state.stopped, state.canvas, canvas)
+        signal = sampler.hold_finished_rows(state.stopped, state.signal, signal)
+    stop, history = sampler.stable_and_confident(argmax, state.history, update.entropy, params.confidence_threshold)
+    return CanvasState(canvas, argmax, signal, history, state.stopped | stop), update
+
+
+def _denoise_rows(processed: mx.array, entropy_bound: float, keys: List[mx.array], fixed=None):
+    """The sampler update, each row on its own key (so a row gives in a batch what it gives alone)."""
+    if len(keys) == 1:
+        return sampler.denoise_step_update(processed, entropy_bound, keys[0], fixed)
+    rows = [
+        sampler.denoise_step_update(
+            processed[r : r + 1], entropy_bound, k, None if fixed is None else fixed.row(r)
+        )
+        for r, k in enumerate(keys)
+    ]
+    return sampler.DenoiseStep(*(mx.concatenate(parts) for parts in zip(*rows)))
+
+
+# -- The canvas loop ----------------------------------------------------------
+
+
+@dataclass
+class DenoisingStep:
+    """``generate_step``'s event after each denoising step.
+
+    The arrays are the step's own (already evaluated); reading one back to the
+    host is up to the caller. Rows in ``stopped`` keep their canvas until the
+    canvas is committed.
+    """
+
+    canvas_index: int
+    step: int  # counts down from max_denoising_steps to 1 within a canvas
+    argmax: mx.array  # [B, C] int32: what would be committed if the canvas stopped now
+    entropy: mx.array  # [B, C] float32, nats (0 at fixed positions)
+    accepted: mx.array  # [B, C] bool: positions whose sample survives into the next step
+    mean_entropy: List[float]  # per row: the stop check's confidence measure
+    stopped: List[bool]  # rows whose canvas has stopped, at this step or before
+    denoised: List[bool]  # rows this step counted as a forward pass for
+
+
+@dataclass
+class CanvasCommit:
+    """``generate_step``'s event when a canvas is committed.
+
+    Per row: ``tokens`` is what the canvas adds to the row's output (cut at
+    the first EOS and at ``max_tokens``), ``stop_token`` the EOS that ended
+    the row, ``finish_reason`` "stop", "length" or None while more canvases
+    follow. Rows that finished on an earlier canvas have ``active`` False and
+    nothing else set.
+    """
+
+    canvas_index: int
+    step: int  # the step the canvas stopped at
+    active: List[bool]
+    tokens: List[List[int]]
+    stop_tokens: List[Optional[int]]
+    finish_reasons: List[Optional[str]]
+    valid_tokens: List[int]  # tokens before the first EOS, plus the EOS: the reference's count
+
+
+class RowKeys:
+    """One PRNG key chain per batch row, all on device."""
+
+    def __init__(self, seeds: List[int]):
+        self.keys = [mx.random.key(s) for s in seeds]
+
+    def next(self) -> List[mx.array]:
+        pairs = [mx.random.split(k) for k in self.keys]
+        self.keys = [p[0] for p in pairs]
+        return [p[1] for p in pairs]
+
+
+def noise_canvas(keys: List[mx.array], canvas_length: int, vocab_size: int) -> mx.array:
+    """A fresh canvas of uniform noise, each row from its own key."""
+    return mx.concatenate([sampler.initial_canvas(k, 1, canvas_length, vocab_size) for k in keys])
+
+
+def _queue(result):
+    """Start computing a step on the device; returns (state, update, mean entropy)."""
+    state, update = result
+    mean_entropy = update.entropy.mean(axis=-1)
+    mx.async_eval(
+        state.canvas, state.argmax, state.signal, state.history, state.stopped,
+        update.entropy, update.accepted, mean_entropy,
+    )
+    return state, update, mean_entropy
+
+
+def generate_step(
+    model: Model,
+    cache: PromptCache,
+    seeds: List[int],
+    max_tokens: int,
+    params: SamplerParams,
+    initial_canvas: Optional[mx.array] = None,
+    fixed: Optional[sampler.FixedPositions] = None,
+) -> Iterator[Union[DenoisingStep, CanvasCommit]]:
+    """Denoise and commit canvases after the context already in ``cache``.
+
+    One row per seed (the cache's batch). ``initial_canvas`` [B, C] replaces
+    the first canvas' noise; ``fixed`` holds positions of the first canvas at
+    given tokens: never resampled or renoised, always accepted, part of the
+    argmax canvas, entropy 0. Every canvas but the last is encoded into the
+    cache once committed.
+
+    On the host each step reads back only the rows' stop flags and mean
+    entropies. While the canvas cannot stop or is far from confident, the next
+    step's graph is built and queued before that read, so the device never
+    waits for the host; a queued step the read makes moot (the canvas stopped,
+    or a row stopped and must now be held) is dropped and its keys reused, so
+    results never depend on it.
+    """
+    B, C, V = len(seeds), model.canvas_length, model.args.vocab_size
+    N = params.max_denoising_steps
+    rng = RowKeys(seeds)
+    finished = [False] * B
+    committed = [0] * B
+    n_canvases = math.ceil(max_tokens / C)
+
+    for canvas_index in range(n_canvases):
+        canvas_keys = rng.next()
+        if canvas_index == 0 and initial_canvas is not None:
+            canvas = initial_canvas
+        else:
+            canvas = noise_canvas(canvas_keys, C, V)
+        held_fixed = fixed if canvas_index == 0 else None
+        if held_fixed is not None:
+            canvas = mx.where(held_fixed.mask, held_fixed.tokens, canvas)
+        # Rows that finished on an earlier canvas still ride along in the
+        # batch, but their passes do not count (as in the reference).
+        resting = list(finished)
+        stopped = [False] * B
+        confident = False  # some running row was confident at the last read
+
+        step = N
+        start = CanvasState.start(canvas, params)
+        pending = _queue(denoise_step(model, cache, start, params, step, rng.next(), held_fixed))
+        while True:
+            state, update, mean_entropy = pending
+            # The stop check compares with the last S argmax canvases; before
+            # S steps the history holds no canvas, so no row can stop yet.
+            may_stop = N - step >= params.stability_threshold
+            ahead = None
+            if step > 1 and not (may_stop and confident):
+                saved_keys = rng.keys
+                ahead = _queue(
+                    denoise_step(model, cache, state, params, step - 1, rng.next(), held_fixed, any(stopped))
+                )
+            denoised = [not r for r in resting]
+            new_stopped = state.stopped.tolist()  # the step's one wait for the device
+            mean_entropy = mean_entropy.tolist()
+            resting = [a or b for a, b in zip(resting, new_stopped)]
+            confident = any(
+                h < params.confidence_threshold for h, r in zip(mean_entropy, resting) if not r
+            )
+            yield DenoisingStep(
+                canvas_index, step, state.argmax, update.entropy, update.accepted,
+                mean_entropy, new_stopped, denoised,
+            )
+            done = all(resting) or step == 1
+            if ahead is not None and (done or new_stopped != stopped):
+                # Moot: dropped, and its keys go to whatever runs next.
+                ahead, rng.keys = None, saved_keys
+            if done:
+                break
+            if ahead is None:
+                ahead = _queue(
+                    denoise_step(model, cache, state, params, step - 1, rng.next(), held_fixed, any(new_stopped))
+                )
+            stopped = new_stopped
+            pending = ahead
+            step -= 1
+
+        rows = state.argmax.tolist()
+        commit = CanvasCommit(canvas_index, step, [not f for f in finished], [[] for _ in range(B)],
+                              [None] * B, [None] * B, [0] * B)
+        last_canvas = canvas_index == n_canvases - 1
+        for r in range(B):
+            if finished[r]:
+                continue
+            ids, stop_token = sampler.split_at_eos(rows[r], params.eos_token_id)
+            commit.valid_tokens[r] = len(ids) + (stop_token is not None)
+            budget = max_tokens - committed[r]
+            if len(ids) >= budget:
+                ids, stop_token = ids[:budget], None
+            committed[r] += len(ids)
+            if stop_token is not None:
+                finish = "stop"
+            elif committed[r] >= max_tokens or last_canvas:
+                finish = "length"
+            else:
+                finish = None
+            commit.tokens[r], commit.stop_tokens[r], commit.finish_reasons[r] = ids, stop_token, finish
+            finished[r] = finish is not None
+        if not all(finished):
+            # The committed canvas becomes context for the next one; queued
+            # now, it runs while the caller handles the commit.
+            model.encode(state.argmax, cache)
+            mx.async_eval([c.state for c in cache])
+        yield commit
+        if all(finished):
+            return
+
+
+# -- Prompts, responses and statistics ----------------------------------------
 
 
 @dataclass
@@ -92,8 +438,8 @@ class GenerationResponse:
     """One event of ``stream_generate``: a denoising step or a committed canvas.
 
     ``text`` and ``token_ids`` are what this event commits (empty during
-    denoising); ``draft`` is the current argmax canvas as text, decoded only
-    when read.
+    denoising); ``draft`` is the current argmax canvas as text (cut at the
+    first EOS), read back and decoded only when asked for.
     """
 
     text: str
@@ -111,12 +457,19 @@ class GenerationResponse:
     finish_reason: Optional[str]
     stop_token: Optional[int] = None  # the EOS id that ended the row, if any
     row: int = 0
-    draft_ids: List[int] = field(default_factory=list, repr=False)
+    _argmax: Optional[mx.array] = field(default=None, repr=False)  # the step's [B, C] argmax canvas
+    _eos: Sequence[int] = field(default=(), repr=False)
     _tokenizer: Any = field(default=None, repr=False)
 
     @property
+    def draft_ids(self) -> List[int]:
+        if self._argmax is None:
+            return []
+        return sampler.split_at_eos(self._argmax[self.row].tolist(), self._eos)[0]
+
+    @property
     def draft(self) -> str:
-        if self._tokenizer is None or not self.draft_ids:
+        if self._tokenizer is None or self._argmax is None:
             return ""
         return self._tokenizer.decode(self.draft_ids)
 
@@ -135,9 +488,7 @@ def _as_batch(tokenizer, prompt, vocab_size: int) -> List[List[int]]:
 
     if isinstance(prompt, mx.array):
         rows = [prompt.tolist()] if prompt.ndim == 1 else prompt.tolist()
-    elif isinstance(prompt, str) or (
-        isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt)
-    ):
+    elif isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt)):
         rows = [prompt]
     else:
         rows = list(prompt)
@@ -182,6 +533,18 @@ def encode_prompt(model: Model, batch: List[List[int]], cache: PromptCache) -> i
     return length
 
 
+def row_seeds(seed, batch: int) -> List[int]:
+    """Row r draws from its own seed (seed + r), so a row gives in a batch what it gives alone."""
+    if seed is None:
+        seed = secrets.randbits(62)
+    if isinstance(seed, int):
+        return [seed + r for r in range(batch)]
+    seeds = [int(s) for s in seed]
+    if len(seeds) != batch:
+        raise ValueError(f"seed lists {len(seeds)} seeds for {batch} prompts")
+    return seeds
+
+
 def stream_generate(
     model: Model,
     tokenizer,
@@ -204,7 +567,7 @@ def stream_generate(
     conversation across calls.
     """
     sp = SamplerParams.resolve(model, **params)
-    if not isinstance(max_tokens, int) or max_tokens < 1:
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise ValueError(f"max_tokens must be a positive integer (got {max_tokens})")
     batch = _as_batch(tokenizer, prompt, model.args.vocab_size)
     B, C, V = len(batch), model.canvas_length, model.args.vocab_size
@@ -216,7 +579,7 @@ def stream_generate(
             f"model's context of {model.args.max_position_embeddings}"
         )
     first_canvas = _initial_canvases(initial_canvas, B, C, V)
-    rng = RowKeys(_row_seeds(seed, B))
+    seeds = row_seeds(seed, B)
 
     tic = time.perf_counter()
     prompt_tokens = encode_prompt(model, batch, cache)
@@ -225,20 +588,20 @@ def stream_generate(
 
     # mlx-lm's wrapper hands out a fresh detokenizer each time: one per row.
     detokenizers = None if tokenizer is None else [tokenizer.detokenizer for _ in range(B)]
-    finished_rows = [False] * B
+    finished = [False] * B
     committed = [0] * B  # tokens returned per row (EOS excluded)
     valid = [0] * B  # non-pad tokens per row, EOS included: the reference's tokens/forward
     forward_passes = [0] * B
     total_steps = 0
     tic = time.perf_counter()
 
-    def response(row, text, ids, canvas_index, step, finish_reason=None, draft_ids=(), stop_token=None):
+    def response(row, event, text="", ids=(), finish_reason=None, stop_token=None, argmax=None):
         elapsed = max(time.perf_counter() - tic, 1e-9)
         return GenerationResponse(
             text=text,
-            token_ids=ids,
-            canvas_index=canvas_index,
-            step=step,
+            token_ids=list(ids),
+            canvas_index=event.canvas_index,
+            step=event.step,
             max_denoising_steps=sp.max_denoising_steps,
             prompt_tokens=prompt_tokens,
             prompt_tps=prompt_tps,
@@ -250,81 +613,26 @@ def stream_generate(
             finish_reason=finish_reason,
             stop_token=stop_token,
             row=row,
-            draft_ids=list(draft_ids),
+            _argmax=argmax,
+            _eos=sp.eos_token_id,
             _tokenizer=tokenizer,
         )
 
-    probs_signal = model.dtype == mx.float32
-    n_canvases = math.ceil(max_tokens / C)
-    for canvas_index in range(n_canvases):
-        canvas_keys = rng.next()
-        if canvas_index == 0 and first_canvas is not None:
-            canvas = first_canvas
-        else:
-            canvas = noise_canvas(canvas_keys, C, V)
-        argmax_canvas = canvas
-        signal = None  # the previous step's self-conditioning input
-        history = sampler.empty_argmax_history(sp.stability_threshold, B, C)
-        stopped = mx.zeros((B,), dtype=mx.bool_)
-        any_stopped = False  # read back each step, so holding costs nothing until needed
-        # Rows that finished on an earlier canvas still ride along in the batch,
-        # but their passes do not count (as in the reference).
-        resting = list(finished_rows)
-
-        for step in range(sp.max_denoising_steps, 0, -1):
-            for r in range(B):
-                forward_passes[r] += not resting[r]
+    for event in generate_step(model, cache, seeds, max_tokens, sp, first_canvas):
+        if isinstance(event, DenoisingStep):
             total_steps += 1
-            logits = model.denoise(canvas, cache, **_self_conditioning(signal, probs_signal))
-            processed = logits / sp.temperature(step)
-            update = _denoise_rows(processed, sp.entropy_bound, rng.next())
-            new_argmax, new_canvas = update.argmax_canvas, update.next_canvas
-            # The next step conditions on the processed logits, cast to the
-            # model's dtype as the reference does; for float32 models that is
-            # the softmax the sampler already took.
-            new_signal = update.probs if probs_signal else processed.astype(model.dtype)
-            if any_stopped:
-                # Rows that already stopped keep their canvas, as the reference
-                # does. (A single row that stopped has left the loop.)
-                new_argmax = sampler.hold_finished_rows(stopped, argmax_canvas, new_argmax)
-                new_canvas = sampler.hold_finished_rows(stopped, canvas, new_canvas)
-                new_signal = sampler.hold_finished_rows(stopped, signal, new_signal)
-            stop, history = sampler.stable_and_confident(
-                new_argmax, history, update.entropy, sp.confidence_threshold
-            )
-            stopped = stopped | stop
-            argmax_canvas, canvas, signal = new_argmax, new_canvas, new_signal
-            mx.eval(argmax_canvas, canvas, signal, stopped, history)
-
-            stopped_rows = stopped.tolist()
-            any_stopped = any(stopped_rows)
-            resting = [a or b for a, b in zip(resting, stopped_rows)]
-            drafts = argmax_canvas.tolist()
             for r in range(B):
-                if not finished_rows[r]:
-                    draft, _ = sampler.split_at_eos(drafts[r], sp.eos_token_id)
-                    yield response(r, "", [], canvas_index, step, draft_ids=draft)
-            if all(resting):
-                break
-
-        # The last step's drafts are the argmax canvas being committed.
-        rows = drafts
-        last_canvas = canvas_index == n_canvases - 1
+                forward_passes[r] += event.denoised[r]
+            for r in range(B):
+                if not finished[r]:
+                    yield response(r, event, argmax=event.argmax)
+            continue
         for r in range(B):
-            if finished_rows[r]:
+            if not event.active[r]:
                 continue
-            ids, stop_token = sampler.split_at_eos(rows[r], sp.eos_token_id)
-            valid[r] += len(ids) + (stop_token is not None)
-            budget = max_tokens - committed[r]
-            if len(ids) >= budget:
-                ids, stop_token = ids[:budget], None
+            ids, finish = event.tokens[r], event.finish_reasons[r]
+            valid[r] += event.valid_tokens[r]
             committed[r] += len(ids)
-            if stop_token is not None:
-                finish = "stop"
-            elif committed[r] >= max_tokens or last_canvas:
-                finish = "length"
-            else:
-                finish = None
             text = ""
             if detokenizers:
                 for t in ids:
@@ -332,57 +640,43 @@ def stream_generate(
                 if finish:
                     detokenizers[r].finalize()
                 text = detokenizers[r].last_segment
-            finished_rows[r] = finish is not None
-            yield response(r, text, ids, canvas_index, step, finish, stop_token=stop_token)
-        if all(finished_rows):
-            break
-        # The committed canvas becomes context for the next one.
-        model.encode(argmax_canvas, cache)
+            finished[r] = finish is not None
+            yield response(r, event, text, ids, finish, event.stop_tokens[r])
 
 
-def _row_seeds(seed, batch: int) -> List[int]:
-    """Row r draws from its own seed (seed + r), so a row gives in a batch what it gives alone."""
-    if seed is None:
-        seed = secrets.randbits(62)
-    if isinstance(seed, int):
-        return [seed + r for r in range(batch)]
-    seeds = [int(s) for s in seed]
-    if len(seeds) != batch:
-        raise ValueError(f"seed lists {len(seeds)} seeds for {batch} prompts")
-    return seeds
+class Progress:
+    """Denoising steps per canvas, counted from a stream of responses."""
+
+    def __init__(self):
+        self.steps: Dict[int, int] = {}
+
+    def update(self, response: GenerationResponse):
+        # ``step`` counts down from max_denoising_steps to 1 within a canvas.
+        self.steps[response.canvas_index] = response.max_denoising_steps - response.step + 1
+
+    def status(self, response: GenerationResponse) -> str:
+        return (
+            f"canvas {response.canvas_index + 1}, "
+            f"step {self.steps.get(response.canvas_index, 0)}/{response.max_denoising_steps}"
+        )
 
 
-class RowKeys:
-    """One PRNG key chain per batch row, all on device."""
-
-    def __init__(self, seeds: List[int]):
-        self.keys = [mx.random.key(s) for s in seeds]
-
-    def next(self) -> List[mx.array]:
-        pairs = [mx.random.split(k) for k in self.keys]
-        self.keys = [p[0] for p in pairs]
-        return [p[1] for p in pairs]
-
-
-def noise_canvas(keys: List[mx.array], canvas_length: int, vocab_size: int) -> mx.array:
-    """A fresh canvas of uniform noise, each row from its own key."""
-    return mx.concatenate([sampler.initial_canvas(k, 1, canvas_length, vocab_size) for k in keys])
-
-
-def _self_conditioning(signal, is_probs: bool) -> dict:
-    if signal is None:
-        return {}
-    return {"self_conditioning_probs" if is_probs else "self_conditioning": signal}
-
-
-def _denoise_rows(processed: mx.array, entropy_bound: float, keys: List[mx.array]):
-    if len(keys) == 1:
-        return sampler.denoise_step_update(processed, entropy_bound, keys[0])
-    rows = [
-        sampler.denoise_step_update(processed[r : r + 1], entropy_bound, k)
-        for r, k in enumerate(keys)
-    ]
-    return sampler.DenoiseStep(*(mx.concatenate(parts) for parts in zip(*rows)))
+def print_stats(last: GenerationResponse, progress: Progress, conversation_tokens: Optional[int] = None, file=None):
+    """mlx_lm.generate's verbose summary, with the canvases and their steps."""
+    file = file or sys.stdout
+    steps = [progress.steps[c] for c in sorted(progress.steps)]
+    prompt = f"{last.prompt_tokens} tokens"
+    if conversation_tokens is not None:
+        prompt += f" ({conversation_tokens} in the conversation)"
+    print("=" * 10, file=file)
+    print(f"Prompt: {prompt}, {last.prompt_tps:.3f} tokens-per-sec", file=file)
+    print(f"Generation: {last.generation_tokens} tokens, {last.generation_tps:.3f} tokens-per-sec", file=file)
+    print(
+        f"Canvases: {len(steps)}, denoising steps per canvas: {', '.join(map(str, steps))} ({sum(steps)} in all)",
+        file=file,
+    )
+    print(f"Tokens per forward: {last.tokens_per_forward:.2f}", file=file)
+    print(f"Peak memory: {last.peak_memory:.3f} GB", file=file, flush=True)
 
 
 def generate(
@@ -394,8 +688,6 @@ def generate(
     **params,
 ) -> Union[str, List[str]]:
     """Generate a completion for ``prompt`` (or a list for a batch of prompts)."""
-    from .cli import Progress, print_stats
-
     is_batch = _is_batch(prompt)
     texts: Dict[int, str] = {}
     last = None
@@ -422,105 +714,8 @@ def _is_batch(prompt) -> bool:
     return not all(isinstance(t, int) for t in prompt)
 
 
-# -- Command line: python -m mlx_diffgemma.generate ---------------------------
-
-DEFAULT_PROMPT = "hello"
-DEFAULT_MAX_TOKENS = 256
-GENERATE_DESCRIPTION = """\
-Generate text with DiffusionGemma. The model writes a canvas of 256 tokens at a
-time: it denoises the whole canvas over a few steps, commits it, then starts
-the next. On a terminal the canvas being denoised is shown as it changes."""
-GENERATE_EXAMPLES = """\
-examples:
-  mlx_diffgemma.generate --prompt "Write a haiku about the sea."
-  cat notes.txt | mlx_diffgemma.generate --prompt - --max-tokens 1024
-  mlx_diffgemma.generate --model diffusiongemma-26B-A4B-it-4bit --verbose
-
-The default model is downloaded on first use (51.6 GB in bf16). If it does not
-fit in this machine's memory, convert a 4-bit copy first:
-  python -m mlx_diffgemma.convert --q-bits 4"""
-
-
-def setup_arg_parser():
-    from . import cli
-
-    parser = cli.ArgumentParser(
-        prog="mlx_diffgemma.generate",
-        description=GENERATE_DESCRIPTION,
-        epilog=GENERATE_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    cli.add_model_arguments(parser)
-    parser.add_argument(
-        "--prompt", "-p", default=DEFAULT_PROMPT, metavar="TEXT", help="Message to the model ('-' reads stdin)."
-    )
-    parser.add_argument("--system-prompt", metavar="TEXT", help="System prompt for the chat template.")
-    parser.add_argument(
-        "--max-tokens",
-        "-m",
-        type=cli.positive_int,
-        default=DEFAULT_MAX_TOKENS,
-        metavar="N",
-        help=f"Most tokens to generate (default: {DEFAULT_MAX_TOKENS}).",
-    )
-    parser.add_argument("--seed", type=int, metavar="N", help="PRNG seed (default: a random one).")
-    parser.add_argument(
-        "--ignore-chat-template",
-        action="store_true",
-        help="Use the raw prompt without the model's chat template.",
-    )
-    cli.add_chat_template_argument(parser)
-    parser.add_argument(
-        "--enable-thinking",
-        action="store_true",
-        help="Let the model think before answering (its thought comes first in the output).",
-    )
-    cli.add_sampler_arguments(parser)
-    cli.add_output_arguments(parser)
-    return parser
-
-
-def main():
-    from . import cli
-
-    args = setup_arg_parser().parse_args()
-    cli.run(lambda: run_generate(args))
-
-
-def run_generate(args):
-    from . import cli
-
-    prompt = args.prompt.replace("\\n", "\n").replace("\\t", "\t")
-    if prompt == "-":
-        prompt = sys.stdin.read()
-    model, tokenizer = cli.load(args.model)
-    if not args.ignore_chat_template and tokenizer.has_chat_template:
-        messages = [{"role": "user", "content": prompt}]
-        if args.system_prompt is not None:
-            messages.insert(0, {"role": "system", "content": args.system_prompt})
-        template_kwargs = dict(enable_thinking=args.enable_thinking)
-        template_kwargs.update(args.chat_template_config or {})
-        prompt = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=False, **template_kwargs
-        )
-
-    params = cli.sampler_params(args)
-    SamplerParams.resolve(model, **params)  # bad settings fail before the view opens
-    progress = cli.Progress()
-    view = cli.make_view(args)
-    last = None
-    with view:
-        for last in stream_generate(
-            model, tokenizer, prompt, args.max_tokens, seed=args.seed, **params
-        ):
-            progress.update(last)
-            if last.token_ids or last.finish_reason:
-                view.write(last.text)
-            elif view.wants_draft():
-                view.draft(last.draft, progress.status(last))
-    if args.verbose:
-        cli.print_stats(last, progress)
-
-
 if __name__ == "__main__":
+    # The command line lives in the cli package; the library never imports it.
+    from .cli.generate import main
+
     main()

@@ -13,8 +13,9 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.rope_utils import initialize_rope
-from mlx_lm.models.switch_layers import SwitchGLU, SwitchLinear
+from mlx_lm.models.switch_layers import SwitchGLU
 
+from . import cpu_experts
 from .cache import LayerCache, PromptCache
 from .config import ModelArgs
 
@@ -130,76 +131,6 @@ class Router(nn.Module):
         return top_k, weights * self.per_expert_scale[top_k]
 
 
-# Grouping pays once most experts get a row (pairs >= experts) and an
-# expert's matrix no longer sits in the cache: below this many weights each
-# row's matrix-vector product is already cheap (benchmarks/experts_crossover.py).
-MIN_GROUPED_EXPERT_WEIGHTS = 1 << 16
-
-# Groups are padded to the largest one; past this much padding (routing
-# piled onto few experts) gather_mm does less work.
-MAX_GROUPED_PADDING = 4
-
-
-def expert_groups_on_host(glu: SwitchGLU, pairs: int) -> bool:
-    """Whether the experts may run as one batched matmul over per-expert groups.
-
-    Only on the CPU, where MLX's gather_mm multiplies the (token, expert) pairs
-    one row at a time; Metal's gather_mm groups sorted rows itself. Quantized
-    experts keep gather_qmm.
-    """
-    proj = glu.up_proj
-    if mx.default_device().type != mx.DeviceType.cpu or type(proj) is not SwitchLinear:
-        return False
-    experts, out_dims, in_dims = proj.weight.shape
-    return (
-        "bias" not in proj
-        and pairs >= experts
-        and out_dims * in_dims >= MIN_GROUPED_EXPERT_WEIGHTS
-    )
-
-
-def grouped_switch_glu(glu: SwitchGLU, x: mx.array, indices: mx.array) -> Optional[mx.array]:
-    """``glu(x, indices)`` with the rows of each expert gathered into a group.
-
-    The (token, expert) pairs are sorted by expert and their rows gathered
-    into groups padded to the largest one, [experts, capacity, hidden]; one
-    batched matmul per projection then runs every expert over its group. The same sums as
-    SwitchGLU, up to the order of additions inside a matmul. The capacity is
-    read on the host (one sync per layer, which the CPU backend, running ops in
-    order, barely notices). Returns None when routing is so uneven that the
-    padding would cost more than gather_mm.
-    """
-    k = indices.shape[-1]
-    experts = glu.up_proj.weight.shape[0]
-    flat = indices.flatten()
-    pairs = flat.size
-    counts = (flat[:, None] == mx.arange(experts)).sum(axis=0)
-    capacity = counts.max().item()
-    if experts * capacity > MAX_GROUPED_PADDING * pairs:
-        return None
-
-    # Group slot (expert e, rank r) takes the r-th pair routed to e, or a row
-    # of zeros past e's count.
-    order = mx.argsort(flat)
-    first = mx.cumsum(counts) - counts
-    rank = mx.arange(capacity)
-    filled = rank < counts[:, None]
-    pair = order[mx.minimum(first[:, None] + rank, pairs - 1)]
-    tokens = x.reshape(-1, x.shape[-1])
-    padded = mx.concatenate([tokens, mx.zeros_like(tokens[:1])])
-    groups = padded[mx.where(filled, pair // k, tokens.shape[0])]
-
-    def project(layer, h):
-        return h @ mx.swapaxes(layer.weight, -1, -2)
-
-    h = glu.activation(project(glu.up_proj, groups), project(glu.gate_proj, groups))
-    y = project(glu.down_proj, h).reshape(experts * capacity, -1)
-    # Each pair's row in y: its expert's group, at its rank within the group.
-    expert = flat[order]
-    slot = (expert * capacity + mx.arange(pairs) - first[expert])[mx.argsort(order)]
-    return y[slot].reshape(*indices.shape, -1)
-
-
 class Experts(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -212,11 +143,7 @@ class Experts(nn.Module):
         )
 
     def __call__(self, x: mx.array, top_k: mx.array, weights: mx.array) -> mx.array:
-        y = None
-        if expert_groups_on_host(self.switch_glu, top_k.size):
-            y = grouped_switch_glu(self.switch_glu, x, top_k)
-        if y is None:
-            y = self.switch_glu(x, top_k)
+        y = cpu_experts.switch_glu(self.switch_glu, x, top_k)
         return (y * weights[..., None]).sum(axis=-2).astype(x.dtype)
 
 

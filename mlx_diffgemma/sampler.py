@@ -145,8 +145,25 @@ class DenoiseStep(NamedTuple):
     probs: mx.array  # [B, C, V] float32 softmax of the processed logits
 
 
+class FixedPositions(NamedTuple):
+    """Canvas positions whose tokens are given (infilling, editing).
+
+    ``mask`` [B, C] bool marks them; ``tokens`` [B, C] holds their ids (read
+    only where ``mask`` is set).
+    """
+
+    mask: mx.array
+    tokens: mx.array
+
+    def row(self, r: int) -> "FixedPositions":
+        return FixedPositions(self.mask[r : r + 1], self.tokens[r : r + 1])
+
+
 def denoise_step_update(
-    processed_logits: mx.array, entropy_bound: float, key: mx.array
+    processed_logits: mx.array,
+    entropy_bound: float,
+    key: mx.array,
+    fixed: Optional[FixedPositions] = None,
 ) -> DenoiseStep:
     """Turn one step's temperature-scaled logits [B, C, V] into the next canvas.
 
@@ -155,14 +172,26 @@ def denoise_step_update(
     canvas never survives into the next one: accepted positions hold the sample,
     all others fresh uniform noise. Hence no `current_canvas` argument. Accepted
     positions are not frozen; the next step may change them again.
+
+    ``fixed`` positions are certain: their entropy counts as 0 (so they are
+    accepted first and take none of the entropy budget, and they count as
+    confident in the stop check), and they keep their token in the next canvas
+    and the argmax canvas. Without it the step is exactly the reference's.
     """
     sample_key, noise_key = mx.random.split(key)
     dist = distribution(processed_logits)
     entropy = dist.entropy
+    if fixed is not None:
+        entropy = mx.where(fixed.mask, 0.0, entropy)
     accepted = entropy_bound_accept(entropy, entropy_bound)
     sampled = sample_from(dist, sample_key)
     next_canvas = renoise(sampled, accepted, processed_logits.shape[-1], noise_key)
     argmax = argmax_tokens(processed_logits)
+    if fixed is not None:
+        tokens = fixed.tokens.astype(TOKEN_DTYPE)
+        accepted = accepted | fixed.mask
+        next_canvas = mx.where(fixed.mask, tokens, next_canvas)
+        argmax = mx.where(fixed.mask, tokens, argmax)
     return DenoiseStep(next_canvas, argmax, entropy, accepted, dist.probs)
 
 

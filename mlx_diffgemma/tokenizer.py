@@ -1,4 +1,4 @@
-"""Tokenizer loading, streaming detokenization and thought/answer splitting.
+"""Tokenizer loading and streaming detokenization.
 
 The tokenizer is mlx-lm's `TokenizerWrapper` built from the checkpoint's own files
 (tokenizer.json / tokenizer.model, tokenizer_config.json, chat_template.jinja), offline.
@@ -17,14 +17,15 @@ Two deliberate differences from a plain `mlx_lm.tokenizer_utils.load`:
 
 Both keep special tokens: like `tokenizer.decode` (``skip_special_tokens=False`` by
 default), they map every id to its token text, so `<|tool_call>`, `<|channel>`,
-`<turn|>`... stay in the raw output. Tool calls and thoughts are parsed from that text.
+`<turn|>`... stay in the raw output. Tool calls and thoughts are parsed from that text
+(thoughts in `thinking`).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable, List, Optional, Tuple, Union
+from typing import Iterable, List, Optional, Union
 
 from mlx_lm.tokenizer_utils import (
     SPMStreamingDetokenizer,
@@ -38,16 +39,10 @@ __all__ = [
     "GemmaStreamingDetokenizer",
     "load_tokenizer",
     "read_eos_token_ids",
-    "split_thinking",
-    "END_OF_TURN",
 ]
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
-CHANNEL_START = "<|channel>"
-CHANNEL_END = "<channel|>"
-END_OF_TURN = "<turn|>"
-_END_MARKERS = (END_OF_TURN, "<eos>")
 
 
 class GemmaStreamingDetokenizer(StreamingDetokenizer):
@@ -204,62 +199,3 @@ def load_tokenizer(
         )
     wrapper.__class__ = DiffGemmaTokenizerWrapper
     return wrapper
-
-
-def split_thinking(text: str) -> Tuple[Optional[str], str]:
-    """Split generated text into (thought, answer).
-
-    - ``"<|channel>thought\\n...<channel|>answer"`` -> ``("...", "answer")``;
-      several thought blocks (e.g. around tool calls) are joined with a newline and
-      removed from the answer;
-    - an empty channel gives ``("", answer)``;
-    - an unclosed channel (still thinking) makes everything after it thought;
-    - a closing `<channel|>` with no opening one (text generated after a prompt that
-      already opened the channel) makes everything before it thought;
-    - no channel at all gives ``(None, text)``.
-    The answer is cut at the first end-of-turn marker (`<turn|>` or `<eos>`) and
-    stripped of surrounding whitespace; so is each thought.
-    """
-    for marker in _END_MARKERS:
-        cut = text.find(marker)
-        if cut >= 0:
-            text = text[:cut]
-
-    thoughts: List[str] = []
-    answer_parts: List[str] = []
-    rest = text
-    first = True
-    while True:
-        start = rest.find(CHANNEL_START)
-        end = rest.find(CHANNEL_END)
-        if first and end >= 0 and (start < 0 or end < start):
-            # The prompt opened the channel; we only see its end.
-            thoughts.append(_thought_body(rest[:end]))
-            rest = rest[end + len(CHANNEL_END):]
-            first = False
-            continue
-        first = False
-        if start < 0:
-            answer_parts.append(rest)
-            break
-        answer_parts.append(rest[:start])
-        rest = rest[start + len(CHANNEL_START):]
-        end = rest.find(CHANNEL_END)
-        if end < 0:
-            thoughts.append(_thought_body(rest))
-            break
-        thoughts.append(_thought_body(rest[:end]))
-        rest = rest[end + len(CHANNEL_END):]
-
-    answer = "".join(answer_parts).replace(CHANNEL_END, "").strip()
-    if not thoughts:
-        return None, answer
-    return "\n".join(t for t in thoughts if t), answer
-
-
-def _thought_body(body: str) -> str:
-    # Drop the channel's name ("thought"), which the model writes right after `<|channel>`.
-    name = "thought"
-    if body.startswith(name) and (len(body) == len(name) or body[len(name)].isspace()):
-        body = body[len(name):]
-    return body.strip()

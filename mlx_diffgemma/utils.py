@@ -11,6 +11,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.utils import infer_quant_config
 
+from . import cpu_experts
 from .config import ConfigError, ModelArgs
 from .model import Model
 
@@ -30,6 +31,11 @@ class LoadError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file or tensor."""
 
 
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` reads as a Hub repo id ("owner/name") rather than a path."""
+    return name.count("/") == 1 and not name.startswith((".", "/", "~"))
+
+
 def get_model_path(path_or_repo: str, revision: Optional[str] = None) -> Path:
     """A local directory as is, or a Hub repo downloaded with huggingface_hub."""
     path = Path(path_or_repo).expanduser()
@@ -37,8 +43,8 @@ def get_model_path(path_or_repo: str, revision: Optional[str] = None) -> Path:
         if not path.is_dir():
             raise LoadError(f"{path}: not a model directory")
         return path
-    # A Hub id is "owner/name"; anything else that does not exist is a bad path.
-    if path_or_repo.startswith((".", "/", "~")) or path_or_repo.count("/") != 1:
+    # Anything that does not exist and is not a Hub id is a bad path.
+    if not is_hub_id(path_or_repo):
         raise LoadError(f"{path_or_repo}: no such model directory")
     from huggingface_hub import snapshot_download
 
@@ -201,21 +207,6 @@ def check_weights(model: Model, weights: Dict[str, mx.array], origin: Dict[str, 
         raise LoadError(f"missing tensor {missing[0]}{more} in checkpoint")
 
 
-def _upcast_experts_on_cpu(model: Model):
-    """MLX's CPU backend has gather_mm for float32 only; Metal runs any float.
-
-    Unquantized bf16/fp16 experts are cast once here, on CPU only, rather than
-    on every step.
-    """
-    if mx.default_device().type != mx.DeviceType.cpu:
-        return
-    for layer in model.layers:
-        for proj in ("gate_proj", "up_proj", "down_proj"):
-            linear = getattr(layer.experts.switch_glu, proj)
-            if "scales" not in linear and linear.weight.dtype != mx.float32:
-                linear.weight = linear.weight.astype(mx.float32)
-
-
 def load_model(model_path: Path, lazy: bool = False) -> Model:
     config = load_config(model_path)
     try:
@@ -228,7 +219,7 @@ def load_model(model_path: Path, lazy: bool = False) -> Model:
         _quantize(model, config["quantization"], weights)
     check_weights(model, weights, origin)
     model.load_weights(list(weights.items()), strict=True)
-    _upcast_experts_on_cpu(model)
+    cpu_experts.upcast_experts(model)
     if not lazy:
         try:
             mx.eval(model.parameters())

@@ -5,10 +5,13 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from mlx_diffgemma import benchmark
+from mlx_diffgemma.benchmark import breakdown
+from mlx_diffgemma.cli import benchmark as benchmark_cli
 from mlx_diffgemma.config import ModelArgs
 from mlx_diffgemma.generate import SamplerParams
 
@@ -120,7 +123,7 @@ def test_compare_reference_implementations():
 
 def test_compare_needs_fixed_steps(capsys):
     with pytest.raises(SystemExit) as e:
-        benchmark.main(["--preset", "tiny", "--compare", "ar"])
+        benchmark_cli.main(["--preset", "tiny", "--compare", "ar"])
     assert e.value.code == 2
     assert "--fixed-steps" in capsys.readouterr().err
 
@@ -128,13 +131,13 @@ def test_compare_needs_fixed_steps(capsys):
 def test_flop_count_matches_the_formulas():
     args = ModelArgs.from_dict(TINY)
     B, T = 2, 300
-    shapes = benchmark.matmul_shapes(args, B, T)
+    shapes = breakdown.matmul_shapes(args, B, T)
     N, D, V = B * args.canvas_length, args.hidden_size, args.vocab_size
-    assert benchmark.matmul_flops(shapes["lm_head"]) == 2 * N * D * V
+    assert breakdown.matmul_flops(shapes["lm_head"]) == 2 * N * D * V
     I, L = args.intermediate_size, args.num_hidden_layers
-    assert benchmark.matmul_flops(shapes["dense_mlp"]) == L * 6 * N * D * I
+    assert breakdown.matmul_flops(shapes["dense_mlp"]) == L * 6 * N * D * I
     experts = 2 * N * D * args.num_experts + args.top_k_experts * 6 * N * D * args.moe_intermediate_size
-    assert benchmark.matmul_flops(shapes["experts"]) == L * experts
+    assert breakdown.matmul_flops(shapes["experts"]) == L * experts
     # Sliding layers see window - 1 cached keys, the full layer all of them.
     H, C = args.num_attention_heads, args.canvas_length
     core = 0
@@ -145,22 +148,23 @@ def test_flop_count_matches_the_formulas():
         2 * N * D * (2 * H * d + g * d * (2 if kind == "sliding_attention" else 1))
         for kind, d, g in zip(args.layer_types, args.layer_head_dims, args.layer_kv_heads)
     )
-    assert benchmark.matmul_flops(shapes["attention"]) == core + projections
+    assert breakdown.matmul_flops(shapes["attention"]) == core + projections
 
 
 def test_step_intervals_skip_each_canvas_first_step():
     marks = [(0, 1.0), (0, 1.5), (0, 2.5), (1, 4.0), (1, 4.25)]
-    assert benchmark.step_intervals(marks) == [0.5, 1.0, 0.25]
+    assert benchmark.common.step_intervals(marks) == [0.5, 1.0, 0.25]
 
 
 def test_torch_and_transformers_are_imported_only_for_comparisons():
     # mlx-lm may import transformers (and it torch) on its own; the benchmark
     # itself needs them only to write and run the reference checkpoint.
-    tree = ast.parse(open(benchmark.__file__).read())
     top_level = set()
-    for node in tree.body:
-        if isinstance(node, ast.Import):
-            top_level |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            top_level.add(node.module.split(".")[0])
+    for module in Path(benchmark.__file__).parent.glob("*.py"):
+        for node in ast.parse(module.read_text()).body:
+            if isinstance(node, ast.Import):
+                top_level |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                top_level.add(node.module.split(".")[0])
+    assert "mlx" in top_level  # the modules were read
     assert not top_level & {"torch", "transformers", "mlx_vlm"}

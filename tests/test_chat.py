@@ -40,15 +40,15 @@ def test_follow_up_encodes_only_the_new_turn(checkpoint):
 
     messages += [{"role": "assistant", "content": first.answer}, {"role": "user", "content": "and then?"}]
     full = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    second = chat(model, tokenizer, messages, prompt_cache=first.prompt_cache, max_tokens=20, seed=1, **KW)
-    assert second.prompt_cache is first.prompt_cache
+    second = chat(model, tokenizer, messages, chat_cache=first.chat_cache, max_tokens=20, seed=1, **KW)
+    assert second.chat_cache is first.chat_cache
     new_turn = tokenizer.apply_chat_template(messages[-1:], add_generation_prompt=True)
     assert second.prompt_tokens < len(full) / 2
     # the newline closing the previous turn, then the new turn without <bos>
     assert second.prompt_tokens == 1 + len(new_turn) - 1
 
     # Both answers and their stop tokens are in the cache, and nothing twice.
-    assert second.prompt_cache.cache.offset == (
+    assert second.chat_cache.cache.offset == (
         first.prompt_tokens + first.last.generation_tokens + 1
         + second.prompt_tokens + second.last.generation_tokens + 1
     )
@@ -64,7 +64,7 @@ def test_incremental_cache_equals_encoding_the_conversation_at_once(checkpoint):
     stop = first.stop_token if first.stop_token is not None else 106
     tokens = prompt1 + ids_first + [stop]
 
-    cache = first.prompt_cache.cache
+    cache = first.chat_cache.cache
     assert cache.offset == len(tokens)
     fresh = model.make_cache()
     model.encode(mx.array([tokens]), fresh)

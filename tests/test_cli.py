@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mlx_diffgemma import cli, live
-from mlx_diffgemma.chat import ThoughtFormatter
+from mlx_diffgemma.thinking import ThoughtFormatter
 from mlx_diffgemma.utils import LoadError
 from reference import build_reference
 from tokenizer_fixture import write_test_tokenizer
@@ -150,8 +150,8 @@ def test_bad_input_gives_a_one_line_error(model_dir, args, message):
     ],
 )
 def test_flag_errors_are_one_line(args, message, capsys):
-    from mlx_diffgemma.chat import setup_arg_parser as chat_parser
-    from mlx_diffgemma.generate import setup_arg_parser as generate_parser
+    from mlx_diffgemma.cli.chat import setup_arg_parser as chat_parser
+    from mlx_diffgemma.cli.generate import setup_arg_parser as generate_parser
 
     for parser in (generate_parser(), chat_parser()):
         with pytest.raises(SystemExit) as exit:
@@ -162,8 +162,8 @@ def test_flag_errors_are_one_line(args, message, capsys):
 
 
 def test_help_reads_well(capsys):
-    from mlx_diffgemma.chat import setup_arg_parser as chat_parser
-    from mlx_diffgemma.generate import setup_arg_parser as generate_parser
+    from mlx_diffgemma.cli.chat import setup_arg_parser as chat_parser
+    from mlx_diffgemma.cli.generate import setup_arg_parser as generate_parser
 
     for parser in (generate_parser(), chat_parser()):
         text = parser.format_help()
@@ -228,7 +228,7 @@ def test_too_large_a_model_stops_the_command_before_loading(model_dir):
     # The command as run, with the machine's memory made smaller than the weights.
     code = (
         "import sys; from mlx_diffgemma import cli; cli.memory_bytes = lambda: 1000; "
-        "from mlx_diffgemma.generate import main; "
+        "from mlx_diffgemma.cli.generate import main; "
         f"sys.argv = ['mlx_diffgemma.generate', '--model', {str(model_dir)!r}]; main()"
     )
     r = run("-c", code)
@@ -490,7 +490,7 @@ LIVE_ARGS = ["--prompt", "hello", "--seed", "3", "--max-tokens", "48", "--max-de
 SLOW_GENERATE = """
 import sys, time
 from mlx_diffgemma import live
-from mlx_diffgemma.generate import main
+from mlx_diffgemma.cli.generate import main
 draft = live.LiveView.draft
 live.LiveView.draft = lambda *args: (time.sleep(0.02), draft(*args))[1]
 sys.argv[0] = "mlx_diffgemma.generate"

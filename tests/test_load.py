@@ -13,7 +13,7 @@ from mlx_diffgemma.config import ConfigError, ModelArgs
 from mlx_diffgemma.utils import LoadError, load_model
 from reference import build_reference
 
-# The released checkpoint's configs (copied from shared/reference).
+# The released checkpoint's published configs, and its tensor listing (weights.tsv).
 RELEASED = Path(__file__).parent / "data/diffusiongemma-26B-A4B-it"
 
 

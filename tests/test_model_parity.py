@@ -11,9 +11,12 @@ import pytest
 import torch
 
 import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU, SwitchLinear
 from transformers import DynamicCache
 
-from mlx_diffgemma import model as model_module
+from mlx_diffgemma import cpu_experts
+from mlx_diffgemma.model import GeGLU
 from mlx_diffgemma.utils import load_model
 from reference import CANVAS, VOCAB, build_reference
 
@@ -68,7 +71,7 @@ def experts_path(request, monkeypatch):
     CPU for few tokens) and per-expert groups in one batched matmul (the CPU
     for many)."""
     grouped = request.param == "grouped"
-    monkeypatch.setattr(model_module, "MIN_GROUPED_EXPERT_WEIGHTS", 0 if grouped else 10**12)
+    monkeypatch.setattr(cpu_experts, "MIN_GROUPED_EXPERT_WEIGHTS", 0 if grouped else 10**12)
     if grouped and mx.default_device().type != mx.DeviceType.cpu:
         pytest.skip("the grouped experts run on the CPU only")
     return request.param
@@ -244,13 +247,30 @@ def test_bfloat16_checkpoint(tmp_path):
 def test_experts_fall_back_to_gather_mm_when_routing_is_uneven(monkeypatch):
     """Every token on one expert: padding the groups would cost more than
     gather_mm, so the layer runs SwitchGLU as it is."""
-    from mlx_lm.models.switch_layers import SwitchGLU
-
-    monkeypatch.setattr(model_module, "MIN_GROUPED_EXPERT_WEIGHTS", 0)
-    glu = SwitchGLU(16, 8, 8, activation=model_module.GeGLU(), bias=False)
+    monkeypatch.setattr(cpu_experts, "MIN_GROUPED_EXPERT_WEIGHTS", 0)
+    glu = SwitchGLU(16, 8, 8, activation=GeGLU(), bias=False)
     x = mx.random.normal((1, 12, 16), key=mx.random.key(0))
     piled = mx.zeros((1, 12, 1), dtype=mx.int32)
-    assert model_module.expert_groups_on_host(glu, piled.size) == (mx.default_device() == mx.cpu)
-    assert model_module.grouped_switch_glu(glu, x, piled) is None
+    assert cpu_experts.expert_groups_on_host(glu, piled.size) == (mx.default_device() == mx.cpu)
+    assert cpu_experts.grouped_switch_glu(glu, x, piled) is None
+    assert mx.array_equal(cpu_experts.switch_glu(glu, x, piled), glu(x, piled))
     spread = mx.random.randint(0, 8, (1, 12, 1), key=mx.random.key(1))
-    assert mx.allclose(model_module.grouped_switch_glu(glu, x, spread), glu(x, spread), atol=1e-6)
+    assert mx.allclose(cpu_experts.grouped_switch_glu(glu, x, spread), glu(x, spread), atol=1e-6)
+
+
+def test_upcast_experts_on_any_module():
+    """On the CPU every unquantized SwitchLinear in the tree goes to float32,
+    mlx-vlm's class too; quantized experts and other layers keep their dtype."""
+    if mx.default_device().type != mx.DeviceType.cpu:
+        pytest.skip("experts are upcast on the CPU only")
+    vlm = pytest.importorskip("mlx_vlm.models.switch_layers")
+    tree = nn.Module()
+    tree.blocks = [SwitchLinear(64, 32, 4, bias=False), vlm.SwitchLinear(64, 32, 4, bias=False)]
+    tree.quantized = QuantizedSwitchLinear(64, 32, 4, bias=False)
+    tree.dense = nn.Linear(64, 32)
+    tree.set_dtype(mx.bfloat16)
+    cpu_experts.upcast_experts(tree)
+    assert [b.weight.dtype for b in tree.blocks] == [mx.float32, mx.float32]
+    assert tree.quantized.weight.dtype == mx.uint32
+    assert tree.quantized.scales.dtype == mx.bfloat16
+    assert tree.dense.weight.dtype == mx.bfloat16

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from mlx_diffgemma.thinking import split_thinking
 from mlx_diffgemma.tokenizer import (
     GemmaStreamingDetokenizer,
     load_tokenizer,
     read_eos_token_ids,
-    split_thinking,
 )
 from tokenizer_fixture import SPECIAL_TOKENS, write_test_tokenizer
 

@@ -1,7 +1,9 @@
-"""What `python -m mlx_diffgemma.generate` and `.chat` share: flags, loading, stats.
+"""The command lines: what `generate`, `chat`, `convert` and `benchmark` share.
 
-Errors a user can cause (a bad flag, a missing model, a model too big for the
-machine) end the command with one line on stderr, never a traceback.
+Each command is a module here (``cli.generate``, ...) on top of the library;
+the library never imports this package. Errors a user can cause (a bad flag, a
+missing model, a model too big for the machine) end every command the same
+way: one line on stderr, never a traceback.
 """
 
 import argparse
@@ -14,18 +16,11 @@ from typing import Callable, Dict, Optional
 
 import mlx.core as mx
 
-from .utils import DEFAULT_MODEL, LoadError
+from ..generate import SAMPLER_SETTINGS, SETTING_INFO, setting_problem
+from ..live import LiveView, PlainView
+from ..utils import DEFAULT_MODEL, LoadError, is_hub_id, load
 
 CONVERT_COMMAND = "python -m mlx_diffgemma.convert --q-bits 4"
-
-SAMPLER_FLAGS = (
-    "max_denoising_steps",
-    "t_min",
-    "t_max",
-    "entropy_bound",
-    "stability_threshold",
-    "confidence_threshold",
-)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -94,42 +89,37 @@ def add_chat_template_argument(parser: argparse.ArgumentParser):
     )
 
 
+def _setting_flag(name: str):
+    """An argparse type for sampler setting ``name``, checked as the library checks it."""
+    kind = SETTING_INFO[name]["kind"]
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        problem = setting_problem(name, value)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    return parse
+
+
 def add_sampler_arguments(parser: argparse.ArgumentParser):
-    """The diffusion sampler's flags. Unset flags stay None: the checkpoint's
-    generation_config.json decides."""
+    """The diffusion sampler's flags, one per ``SamplerParams`` setting. Unset
+    flags stay None: the checkpoint's generation_config.json decides."""
     group = parser.add_argument_group(
-        "denoising", "Defaults come from the model's generation_config.json."
+        "denoising", "Unset, each comes from the model's generation_config.json, else the default shown."
     )
-    group.add_argument(
-        "--max-denoising-steps",
-        type=positive_int,
-        metavar="N",
-        help="Most denoising steps per canvas; a canvas stops earlier once stable and confident.",
-    )
-    group.add_argument(
-        "--t-min", type=non_negative_float, metavar="T", help="Temperature at the last step of a canvas."
-    )
-    group.add_argument(
-        "--t-max", type=positive_float, metavar="T", help="Temperature at the first step of a canvas."
-    )
-    group.add_argument(
-        "--entropy-bound",
-        type=positive_float,
-        metavar="NATS",
-        help="Entropy budget (nats) for the tokens accepted at each step.",
-    )
-    group.add_argument(
-        "--stability-threshold",
-        type=non_negative_int,
-        metavar="N",
-        help="Steps the argmax canvas must stay unchanged before it can stop.",
-    )
-    group.add_argument(
-        "--confidence-threshold",
-        type=positive_float,
-        metavar="NATS",
-        help="Mean entropy below which a stable canvas stops.",
-    )
+    for name in SAMPLER_SETTINGS:
+        info = SETTING_INFO[name]
+        group.add_argument(
+            "--" + name.replace("_", "-"),
+            type=_setting_flag(name),
+            metavar=info["metavar"],
+            help=f"{info['help']} (default: {info['default']:g})",
+        )
 
 
 def add_output_arguments(parser: argparse.ArgumentParser):
@@ -152,8 +142,6 @@ def add_output_arguments(parser: argparse.ArgumentParser):
 
 def make_view(args):
     """The live view on a terminal (or as --live/--no-live says), else plain text."""
-    from .live import LiveView, PlainView
-
     terminal = sys.stdout.isatty()
     live = terminal if args.live is None else args.live
     return LiveView() if live else PlainView(styled=terminal)
@@ -161,7 +149,7 @@ def make_view(args):
 
 def sampler_params(args) -> Dict[str, object]:
     """The sampler flags the user set (unset ones are left to the checkpoint)."""
-    return {name: getattr(args, name) for name in SAMPLER_FLAGS if getattr(args, name) is not None}
+    return {name: getattr(args, name) for name in SAMPLER_SETTINGS if getattr(args, name) is not None}
 
 
 # -- Will the weights fit? ----------------------------------------------------
@@ -205,10 +193,6 @@ def hub_weights_bytes(repo: str, revision: Optional[str] = None, api=None) -> Op
     return local_weights_bytes(Path(cached)) or None
 
 
-def _is_repo_id(name: str) -> bool:
-    return name.count("/") == 1 and not name.startswith((".", "/", "~"))
-
-
 def _quantized_bits(model_path: Path) -> Optional[int]:
     try:
         config = json.loads((model_path / "config.json").read_text())
@@ -234,7 +218,7 @@ def check_memory(
     if weights is None:
         if path.is_dir():
             weights = local_weights_bytes(path)
-        elif _is_repo_id(model):
+        elif is_hub_id(model):
             weights = hub_weights_bytes(model, revision)
     if path.is_dir():
         bits = _quantized_bits(path)
@@ -262,71 +246,38 @@ def convert_advice(model: str) -> str:
     return f"`{command}`, then run with --model {converted}"
 
 
-def load(model: str):
+def load_for_generation(model: str):
     """``mlx_diffgemma.load`` for a command line: checks memory first, needs a tokenizer."""
-    from .utils import load as load_model
-
     check_memory(model)
-    model_obj, tokenizer = load_model(model)
+    model_obj, tokenizer = load(model)
     if tokenizer is None:
         raise LoadError(f"{model}: no tokenizer files (tokenizer.json or tokenizer.model)")
     return model_obj, tokenizer
 
 
-# -- Reporting ----------------------------------------------------------------
+# -- Running a command ---------------------------------------------------------
 
 
-class Progress:
-    """Denoising steps per canvas, counted from a stream of responses."""
+def run(command: Callable[[], Optional[int]], interrupted: Optional[str] = None):
+    """Run a command's body and exit; every command fails the same way.
 
-    def __init__(self):
-        self.steps: Dict[int, int] = {}
-
-    def update(self, response):
-        # ``step`` counts down from max_denoising_steps to 1 within a canvas.
-        self.steps[response.canvas_index] = response.max_denoising_steps - response.step + 1
-
-    def status(self, response) -> str:
-        return (
-            f"canvas {response.canvas_index + 1}, "
-            f"step {self.steps.get(response.canvas_index, 0)}/{response.max_denoising_steps}"
-        )
-
-
-def print_stats(last, progress: Progress, conversation_tokens: Optional[int] = None, file=None):
-    file = file or sys.stdout
-    steps = [progress.steps[c] for c in sorted(progress.steps)]
-    prompt = f"{last.prompt_tokens} tokens"
-    if conversation_tokens is not None:
-        prompt += f" ({conversation_tokens} in the conversation)"
-    print("=" * 10, file=file)
-    print(f"Prompt: {prompt}, {last.prompt_tps:.3f} tokens-per-sec", file=file)
-    print(
-        f"Generation: {last.generation_tokens} tokens, {last.generation_tps:.3f} tokens-per-sec",
-        file=file,
-    )
-    print(
-        f"Canvases: {len(steps)}, denoising steps per canvas: "
-        f"{', '.join(map(str, steps))} ({sum(steps)} in all)",
-        file=file,
-    )
-    print(f"Tokens per forward: {last.tokens_per_forward:.2f}", file=file)
-    print(f"Peak memory: {last.peak_memory:.3f} GB", file=file, flush=True)
-
-
-def run(command: Callable[[], Optional[int]]):
-    """Run a command's body; user errors become ``error: ...`` and exit 1."""
+    Errors a user can cause (bad input, a bad checkpoint, a file that cannot
+    be read or written: ``ValueError`` and ``OSError``) print
+    one line, ``error: ...``, and exit 1. Ctrl-C exits 130, printing
+    ``interrupted`` if given.
+    """
     try:
         code = command()
-    except ValueError as e:  # LoadError and the sampler's checks among them
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:
+        if isinstance(e, BrokenPipeError):
+            # The reader went away (`| head`). Python would complain again
+            # when flushing stdout at exit: point it at /dev/null first.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(1)
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
-        print(file=sys.stderr)
+        print(interrupted or "", file=sys.stderr)
         sys.exit(130)
-    except BrokenPipeError:
-        # The reader went away (`| head`). Python would complain again when
-        # flushing stdout at exit: point it at /dev/null first.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(1)
     sys.exit(code or 0)

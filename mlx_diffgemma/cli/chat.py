@@ -1,0 +1,170 @@
+"""python -m mlx_diffgemma.chat: a conversation in the terminal, kept encoded between turns."""
+
+import argparse
+import sys
+from typing import Optional
+
+from .. import cli
+from ..chat import stream_chat
+from ..generate import SamplerParams, Progress, print_stats
+from ..live import DIM
+from ..thinking import ThoughtFormatter, split_thinking
+
+DEFAULT_MAX_TOKENS = 1024
+PROMPT = ">> "
+COMMANDS = """Commands:
+  /think    turn thinking on or off
+  /reset    start a new conversation (also: r)
+  /quit     leave (also: q, /exit, Ctrl-D)
+  /help     this help (also: h)"""
+
+
+def setup_arg_parser():
+    parser = cli.ArgumentParser(
+        prog="mlx_diffgemma.chat",
+        description="Chat with DiffusionGemma in the terminal. The conversation stays\n"
+        "encoded between turns, so each turn encodes only its new message.",
+        epilog=COMMANDS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    cli.add_model_arguments(parser)
+    parser.add_argument("--system-prompt", metavar="TEXT", help="System prompt for the conversation.")
+    parser.add_argument(
+        "--max-tokens",
+        "-m",
+        type=cli.positive_int,
+        default=DEFAULT_MAX_TOKENS,
+        metavar="N",
+        help=f"Most tokens per answer (default: {DEFAULT_MAX_TOKENS}).",
+    )
+    parser.add_argument(
+        "--seed", type=int, metavar="N", help="PRNG seed of the first turn, +1 per turn (default: random)."
+    )
+    parser.add_argument(
+        "--enable-thinking",
+        action="store_true",
+        help="Start with thinking on (toggle with /think).",
+    )
+    cli.add_chat_template_argument(parser)
+    cli.add_sampler_arguments(parser)
+    cli.add_output_arguments(parser)
+    return parser
+
+
+def main():
+    args = setup_arg_parser().parse_args()
+    cli.run(lambda: run_chat(args))
+
+
+def _read_line(interactive: bool) -> Optional[str]:
+    """The user's next line, or None at the end of input."""
+    if interactive:
+        try:
+            return input(PROMPT)
+        except EOFError:
+            print()
+            return None
+    line = sys.stdin.readline()
+    if not line:
+        return None
+    line = line.rstrip("\n")
+    # Piped input is not echoed: show it, so the output reads as a transcript.
+    print(PROMPT + line, flush=True)
+    return line
+
+
+def run_chat(args):
+    interactive = sys.stdin.isatty()
+    styled = sys.stdout.isatty()
+    if interactive and styled:
+        try:
+            import readline  # noqa: F401 (line editing and history for input())
+        except ImportError:
+            pass
+
+    model, tokenizer = cli.load_for_generation(args.model)
+    params = cli.sampler_params(args)
+    SamplerParams.resolve(model, **params)  # bad settings fail before the first prompt
+    view = cli.make_view(args)
+    thought_style = DIM  # a plain view on a pipe drops styles itself
+    template_kwargs = dict(args.chat_template_config or {})
+    thinking = template_kwargs.pop("enable_thinking", args.enable_thinking)
+
+    def new_conversation():
+        system = []
+        if args.system_prompt is not None:
+            system.append({"role": "system", "content": args.system_prompt})
+        return system, None
+
+    messages, chat_cache = new_conversation()
+    if interactive:
+        print(f"Chat with {args.model}. Type /help for commands, /quit to leave.")
+    turn = 0
+    while True:
+        query = _read_line(interactive)
+        if query is None or query.strip() in ("q", "/quit", "/exit"):
+            return 0
+        command = query.strip()
+        if not command:
+            continue
+        if command in ("r", "/reset"):
+            messages, chat_cache = new_conversation()
+            print("[new conversation]")
+            continue
+        if command in ("h", "/help"):
+            print(COMMANDS)
+            continue
+        if command == "/think":
+            thinking = not thinking
+            # The template renders the whole conversation differently (a system
+            # turn asks for thoughts), so the next turn encodes it afresh.
+            chat_cache = None
+            print(f"[thinking {'on' if thinking else 'off'}]")
+            continue
+
+        messages.append({"role": "user", "content": query})
+        seed = None if args.seed is None else args.seed + turn
+        turn += 1
+        cached = chat_cache.cache.offset if chat_cache else 0
+        formatter = ThoughtFormatter()
+        progress = Progress()
+        text, last = "", None
+        try:
+            with view:
+                for last in stream_chat(
+                    model,
+                    tokenizer,
+                    messages,
+                    chat_cache=chat_cache,
+                    enable_thinking=thinking,
+                    chat_template_kwargs=template_kwargs,
+                    max_tokens=args.max_tokens,
+                    seed=seed,
+                    **params,
+                ):
+                    progress.update(last)
+                    if last.token_ids or last.finish_reason:
+                        text += last.text
+                        for kind, piece in formatter.feed(last.text):
+                            view.write(piece, thought_style if kind == "thought" else None)
+                    elif view.wants_draft():
+                        view.draft(formatter.preview(last.draft), progress.status(last))
+        except (KeyboardInterrupt, ValueError) as e:
+            # The cache may hold part of this turn: forget it, and the message.
+            messages.pop()
+            chat_cache = None
+            if isinstance(e, ValueError):  # e.g. a conversation longer than the context
+                print(f"error: {e}", file=sys.stderr)
+            print("[turn dropped; the next one encodes the conversation again]", flush=True)
+            continue
+
+        # The conversation so far: what the cache held, if this turn continued it.
+        conversation = last.prompt_tokens + (cached if last.chat_cache is chat_cache else 0)
+        chat_cache = last.chat_cache
+        messages.append({"role": "assistant", "content": split_thinking(text)[1]})
+        if args.verbose:
+            print_stats(last, progress, conversation_tokens=conversation)
+
+
+if __name__ == "__main__":
+    main()

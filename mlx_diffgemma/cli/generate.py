@@ -1,0 +1,99 @@
+"""python -m mlx_diffgemma.generate: one prompt in, the model's answer out."""
+
+import argparse
+import sys
+
+from .. import cli
+from ..generate import Progress, SamplerParams, print_stats, stream_generate
+
+DEFAULT_PROMPT = "hello"
+DEFAULT_MAX_TOKENS = 256
+GENERATE_DESCRIPTION = """\
+Generate text with DiffusionGemma. The model writes a canvas of tokens at a
+time (the checkpoint's canvas_length, 256 for the released model): it denoises
+the whole canvas over a few steps, commits it, then starts the next. On a
+terminal the canvas being denoised is shown as it changes."""
+GENERATE_EXAMPLES = """\
+examples:
+  mlx_diffgemma.generate --prompt "Write a haiku about the sea."
+  cat notes.txt | mlx_diffgemma.generate --prompt - --max-tokens 1024
+  mlx_diffgemma.generate --model diffusiongemma-26B-A4B-it-4bit --verbose
+
+The default model is downloaded on first use (51.6 GB in bf16). If it does not
+fit in this machine's memory, convert a 4-bit copy first:
+  python -m mlx_diffgemma.convert --q-bits 4"""
+
+
+def setup_arg_parser():
+    parser = cli.ArgumentParser(
+        prog="mlx_diffgemma.generate",
+        description=GENERATE_DESCRIPTION,
+        epilog=GENERATE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    cli.add_model_arguments(parser)
+    parser.add_argument(
+        "--prompt", "-p", default=DEFAULT_PROMPT, metavar="TEXT", help="Message to the model ('-' reads stdin)."
+    )
+    parser.add_argument("--system-prompt", metavar="TEXT", help="System prompt for the chat template.")
+    parser.add_argument(
+        "--max-tokens",
+        "-m",
+        type=cli.positive_int,
+        default=DEFAULT_MAX_TOKENS,
+        metavar="N",
+        help=f"Most tokens to generate (default: {DEFAULT_MAX_TOKENS}).",
+    )
+    parser.add_argument("--seed", type=int, metavar="N", help="PRNG seed (default: a random one).")
+    parser.add_argument(
+        "--ignore-chat-template",
+        action="store_true",
+        help="Use the raw prompt without the model's chat template.",
+    )
+    cli.add_chat_template_argument(parser)
+    parser.add_argument(
+        "--enable-thinking",
+        action="store_true",
+        help="Let the model think before answering (its thought comes first in the output).",
+    )
+    cli.add_sampler_arguments(parser)
+    cli.add_output_arguments(parser)
+    return parser
+
+
+def main():
+    args = setup_arg_parser().parse_args()
+    cli.run(lambda: run_generate(args))
+
+
+def run_generate(args):
+    prompt = args.prompt.replace("\\n", "\n").replace("\\t", "\t")
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    model, tokenizer = cli.load_for_generation(args.model)
+    if not args.ignore_chat_template and tokenizer.has_chat_template:
+        messages = [{"role": "user", "content": prompt}]
+        if args.system_prompt is not None:
+            messages.insert(0, {"role": "system", "content": args.system_prompt})
+        template_kwargs = dict(enable_thinking=args.enable_thinking)
+        template_kwargs.update(args.chat_template_config or {})
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **template_kwargs)
+
+    params = cli.sampler_params(args)
+    SamplerParams.resolve(model, **params)  # bad settings fail before the view opens
+    progress = Progress()
+    view = cli.make_view(args)
+    last = None
+    with view:
+        for last in stream_generate(model, tokenizer, prompt, args.max_tokens, seed=args.seed, **params):
+            progress.update(last)
+            if last.token_ids or last.finish_reason:
+                view.write(last.text)
+            elif view.wants_draft():
+                view.draft(last.draft, progress.status(last))
+    if args.verbose:
+        print_stats(last, progress)
+
+
+if __name__ == "__main__":
+    main()
