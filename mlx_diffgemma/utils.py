@@ -14,6 +14,7 @@ from mlx_lm.utils import infer_quant_config
 from . import cpu_experts
 from .config import ConfigError, ModelArgs
 from .model import Model
+from .tokenizer import load_tokenizer
 
 logger = logging.getLogger("mlx_diffgemma")
 
@@ -247,8 +248,6 @@ def load(path_or_repo: str = DEFAULT_MODEL, revision: Optional[str] = None, lazy
     """
     model_path = get_model_path(path_or_repo, revision)
     model = load_model(model_path, lazy=lazy)
-    from .tokenizer import load_tokenizer
-
     eos = model.generation_config.get("eos_token_id", model.args.eos_token_id)
     tokenizer = load_tokenizer(model_path, eos_token_ids=eos if isinstance(eos, list) else [eos])
     return model, tokenizer

@@ -118,7 +118,7 @@ def add_sampler_arguments(parser: argparse.ArgumentParser):
             "--" + name.replace("_", "-"),
             type=_setting_flag(name),
             metavar=info["metavar"],
-            help=f"{info['help']} (default: {info['default']:g})",
+            help=f"{info['help'].rstrip('.')} (default: {info['default']:g}).",
         )
 
 
