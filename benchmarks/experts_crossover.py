@@ -41,14 +41,17 @@ def main():
         chosen = "grouped" if expert_groups_on_host(glu, tokens * k) else "gather_mm"
         if grouped_switch_glu(glu, x, indices) is None:
             # Too few pairs to fill the groups: the model runs gather_mm.
-            gather = interleaved_medians({"gather": lambda: glu(x, indices)}, 5)["gather"] * 1e3
+            gather = interleaved_medians({"gather": lambda: glu(x, indices)}, 5)["gather"] * 1e3  # noqa: B023
             print(f"{name:16s} {tokens * k / experts:12.1f} {gather:13.2f} {'-':>11s} {'-':>8s}  gather_mm")
             continue
         times = interleaved_medians(
-            {"gather": lambda: glu(x, indices), "grouped": lambda: grouped_switch_glu(glu, x, indices)}, 5
+            {"gather": lambda: glu(x, indices), "grouped": lambda: grouped_switch_glu(glu, x, indices)},  # noqa: B023
+            5,
         )
         gather, grouped = times["gather"] * 1e3, times["grouped"] * 1e3
-        print(f"{name:16s} {tokens * k / experts:12.1f} {gather:13.2f} {grouped:11.2f} {gather / grouped:7.2f}x  {chosen}")
+        print(
+            f"{name:16s} {tokens * k / experts:12.1f} {gather:13.2f} {grouped:11.2f} {gather / grouped:7.2f}x  {chosen}"
+        )
 
 
 if __name__ == "__main__":

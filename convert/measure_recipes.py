@@ -82,11 +82,8 @@ def released_plan_bytes(options: dict) -> int:
         slots[name] = Slot(Path("weights.tsv"), "BF16", tuple(json.loads(shape)), 0)
     settings = None
     if options:
-        settings = quantization_settings(
-            options.get("q_bits"), options.get("q_group_size"), options.get("q_mode")
-        )
-    plan = plan_conversion(config, slots, settings, options.get("recipe") or "mixed",
-                           dtype="bfloat16")
+        settings = quantization_settings(options.get("q_bits"), options.get("q_group_size"), options.get("q_mode"))
+    plan = plan_conversion(config, slots, settings, options.get("recipe") or "mixed", dtype="bfloat16")
     return plan.nbytes
 
 
@@ -133,8 +130,7 @@ def main():
     for i, (label, bits, options) in enumerate(rows):
         rms, mx_abs, top1 = np.mean(results[i], axis=0)
         size = released_plan_bytes(options)
-        print(f"{label:<24}{bits:>5}{rms:>11.4f}{mx_abs:>9.3f}{top1:>8.1%}"
-              f"{size / 1e9:>9.2f} GB")
+        print(f"{label:<24}{bits:>5}{rms:>11.4f}{mx_abs:>9.3f}{top1:>8.1%}{size / 1e9:>9.2f} GB")
 
 
 if __name__ == "__main__":

@@ -58,11 +58,10 @@ def synthetic_tensors(layers: int):
             head = f"{prefix}{src}."
             for name, shape in shapes.items():
                 if name.startswith(head):
-                    out.append((f"{prefix}{dst}.{name[len(head):]}", shape))
+                    out.append((f"{prefix}{dst}.{name[len(head) :]}", shape))
         return out
 
-    top = [(n, s) for n, s in shapes.items()
-           if n.startswith("model.decoder.") and ".layers." not in n]
+    top = [(n, s) for n, s in shapes.items() if n.startswith("model.decoder.") and ".layers." not in n]
     shards = [("model-top.safetensors", top)]
     for i in range(layers):
         src = 5 if i == layers - 1 else 0
@@ -109,8 +108,7 @@ print("RESULT", mx.get_peak_memory(), time.perf_counter() - tic)
 
 
 def measure(src: Path, out: Path):
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(src), str(out)],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(src), str(out)], stdout=subprocess.PIPE, text=True)
     stdout = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -140,9 +138,12 @@ def main():
             built = time.perf_counter() - tic
             rss, mlx_peak, seconds, out_bytes = measure(src, work / f"out-{layers}")
             rows.append((layers, src_bytes, rss, mlx_peak, seconds, out_bytes))
-            print(f"{layers} layers: source {src_bytes / 1e9:.2f} GB (built in {built:.0f} s), "
-                  f"4-bit output {out_bytes / 1e9:.2f} GB in {seconds:.0f} s; peak RSS "
-                  f"{rss / 1e9:.2f} GB, MLX peak {mlx_peak / 1e9:.2f} GB", flush=True)
+            print(
+                f"{layers} layers: source {src_bytes / 1e9:.2f} GB (built in {built:.0f} s), "
+                f"4-bit output {out_bytes / 1e9:.2f} GB in {seconds:.0f} s; peak RSS "
+                f"{rss / 1e9:.2f} GB, MLX peak {mlx_peak / 1e9:.2f} GB",
+                flush=True,
+            )
             if not args.keep:
                 shutil.rmtree(src)
                 shutil.rmtree(work / f"out-{layers}")
@@ -152,8 +153,10 @@ def main():
 
     rss_growth = rows[-1][2] - rows[0][2]
     mlx_growth = rows[-1][3] - rows[0][3]
-    print(f"growth from {rows[0][0]} to {rows[-1][0]} layers: RSS {rss_growth / 1e9:+.3f} GB, "
-          f"MLX peak {mlx_growth / 1e9:+.3f} GB (limit {LIMIT_GB} GB)")
+    print(
+        f"growth from {rows[0][0]} to {rows[-1][0]} layers: RSS {rss_growth / 1e9:+.3f} GB, "
+        f"MLX peak {mlx_growth / 1e9:+.3f} GB (limit {LIMIT_GB} GB)"
+    )
     ok = rss_growth < LIMIT_GB * 1e9 and mlx_growth < LIMIT_GB * 1e9
     print("OK" if ok else "FAIL: peak memory grows with the number of layers")
     sys.exit(0 if ok else 1)

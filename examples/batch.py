@@ -19,9 +19,7 @@ questions = [
     "List three prime numbers.",
 ]
 prompts = [
-    tokenizer.apply_chat_template(
-        [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False
-    )
+    tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
     for q in questions
 ]
 

@@ -1,6 +1,6 @@
 """A conversation of two turns; the follow-up encodes only its new message.
 
-    python examples/chat.py [MODEL]
+python examples/chat.py [MODEL]
 """
 
 import sys

@@ -11,7 +11,8 @@ from .utils import load
 # `python -m mlx_diffgemma.generate` finds its module already imported by this
 # package; runpy warns about that, harmlessly: the command runs its own copy.
 warnings.filterwarnings(
-    "ignore", message=r".*found in sys.modules after import of package 'mlx_diffgemma'",
+    "ignore",
+    message=r".*found in sys.modules after import of package 'mlx_diffgemma'",
     category=RuntimeWarning,
 )
 

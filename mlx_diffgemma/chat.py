@@ -62,15 +62,11 @@ def chat_prompt(
         return full, ChatCache(model.make_cache())
     cached = _render(tokenizer, messages[: chat_cache.messages], False, template_kwargs)
     stop = chat_cache.stop_token
-    if (
-        len(messages) > chat_cache.messages
-        and full[: len(cached)] == cached
-        and stop in cached
-    ):
+    if len(messages) > chat_cache.messages and full[: len(cached)] == cached and stop in cached:
         # The cache ends with the answer's stop token; the template closes the
         # turn with what follows it (Gemma 4: a newline).
         after_stop = len(cached) - cached[::-1].index(stop)
-        return cached[after_stop:] + full[len(cached):], chat_cache
+        return cached[after_stop:] + full[len(cached) :], chat_cache
     return full, ChatCache(model.make_cache())
 
 
@@ -130,9 +126,7 @@ def chat(
     the new turn is encoded.
     """
     text, last = "", None
-    for last in stream_chat(
-        model, tokenizer, messages, chat_cache, enable_thinking, tools, **params
-    ):
+    for last in stream_chat(model, tokenizer, messages, chat_cache, enable_thinking, tools, **params):
         text += last.text
     thought, answer = split_thinking(text)
     return ChatResponse(text, answer, thought, last.chat_cache, last.prompt_tokens, last)

@@ -54,9 +54,7 @@ class ModelArgs:
     # `per_layer_config`.
     layer_head_dims: List[int]
     layer_kv_heads: List[int]
-    rope_parameters: Dict[str, Dict[str, Any]] = field(
-        default_factory=lambda: dict(DEFAULT_ROPE)
-    )
+    rope_parameters: Dict[str, Dict[str, Any]] = field(default_factory=lambda: dict(DEFAULT_ROPE))
     rms_norm_eps: float = 1e-6
     final_logit_softcapping: Optional[float] = 30.0
     max_position_embeddings: int = 262_144
@@ -79,14 +77,9 @@ class ModelArgs:
             raise ConfigError(f"{source}: missing 'text_config'")
         missing = [k for k in _REQUIRED if text.get(k) is None]
         if missing:
-            raise ConfigError(
-                f"{source}: text_config is missing {', '.join(missing)}"
-            )
+            raise ConfigError(f"{source}: text_config is missing {', '.join(missing)}")
         if text.get("use_bidirectional_attention") == "all":
-            raise ConfigError(
-                f"{source}: use_bidirectional_attention='all' (a non-causal encoder) "
-                "is not supported"
-            )
+            raise ConfigError(f"{source}: use_bidirectional_attention='all' (a non-causal encoder) is not supported")
         if text.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
             raise ConfigError(
                 f"{source}: hidden_activation {text['hidden_activation']!r} is not "
@@ -95,14 +88,10 @@ class ModelArgs:
 
         n = text["num_hidden_layers"]
         layer_types = text.get("layer_types") or [
-            "full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
-            for i in range(n)
+            "full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n)
         ]
         if len(layer_types) != n:
-            raise ConfigError(
-                f"{source}: layer_types has {len(layer_types)} entries for "
-                f"{n} layers"
-            )
+            raise ConfigError(f"{source}: layer_types has {len(layer_types)} entries for {n} layers")
         unknown = set(layer_types) - {"sliding_attention", "full_attention"}
         if unknown:
             raise ConfigError(f"{source}: unknown layer types {sorted(unknown)}")
@@ -116,9 +105,7 @@ class ModelArgs:
             for idx, override in per_layer.items():
                 i = int(idx)
                 if not 0 <= i < n:
-                    raise ConfigError(
-                        f"{source}: per_layer_config names layer {idx} of {n}"
-                    )
+                    raise ConfigError(f"{source}: per_layer_config names layer {idx} of {n}")
                 head_dims[i] = override.get("head_dim", head_dims[i])
                 kv_heads[i] = override.get("num_key_value_heads", kv_heads[i])
         else:

@@ -65,8 +65,9 @@ PIECES = ("experts", "router", "embedding", "attention", "mlp", "self_conditioni
 # "high" takes HIGH_PRECISION, None keeps the piece in --dtype. docs/convert.md
 # has the measurements behind the default.
 RECIPES = {
-    "mixed": dict(experts="requested", router=None, embedding="high", attention="high",
-                  mlp="high", self_conditioning="high"),
+    "mixed": dict(
+        experts="requested", router=None, embedding="high", attention="high", mlp="high", self_conditioning="high"
+    ),
     "uniform": dict.fromkeys(PIECES, "requested"),
     "experts-only": dict(dict.fromkeys(PIECES, None), experts="requested"),
 }
@@ -179,7 +180,9 @@ def convert_arrays(arrays: Dict[str, mx.array], rules: Rules) -> Dict[str, mx.ar
         if stored_quantized:
             if module in rules.dequantize:
                 value = mx.dequantize(
-                    value, weights[f"{module}.scales"], weights.get(f"{module}.biases"),
+                    value,
+                    weights[f"{module}.scales"],
+                    weights.get(f"{module}.biases"),
                     **rules.dequantize[module],
                 )
                 out[name] = value.astype(rules.dtype) if rules.dtype else value
@@ -282,8 +285,7 @@ def plan_conversion(
     elif quantize is not None:
         if stored:
             raise ConvertError(
-                "the source is already quantized: convert from the float checkpoint "
-                "(or pass --dequantize)"
+                "the source is already quantized: convert from the float checkpoint (or pass --dequantize)"
             )
         for path, module in model.named_modules():
             if hasattr(module, "to_quantized"):
@@ -302,15 +304,19 @@ def plan_conversion(
         if not outputs:
             continue  # vision tower, tied head
         rows = next(iter(sources.values())).rows
-        chunked = rows > 1 and all(
-            s.rows == rows for s in sources.values()
-        ) and all(a.ndim > 1 and a.shape[0] == rows for a in outputs.values())
-        jobs.append(Job(
-            sources,
-            [(name, dtype_name(a.dtype), tuple(a.shape)) for name, a in outputs.items()],
-            rows,
-            chunked,
-        ))
+        chunked = (
+            rows > 1
+            and all(s.rows == rows for s in sources.values())
+            and all(a.ndim > 1 and a.shape[0] == rows for a in outputs.values())
+        )
+        jobs.append(
+            Job(
+                sources,
+                [(name, dtype_name(a.dtype), tuple(a.shape)) for name, a in outputs.items()],
+                rows,
+                chunked,
+            )
+        )
 
     # How the output stores each module: as quantized now, or as it was stored.
     final = rules.quantize or ({} if dequantize else stored)
@@ -319,8 +325,9 @@ def plan_conversion(
         if quantize is not None:
             defaults = dict(quantize)
         else:
-            defaults = {k: config["quantization"][k] for k in ("group_size", "bits", "mode")
-                        if k in config["quantization"]}
+            defaults = {
+                k: config["quantization"][k] for k in ("group_size", "bits", "mode") if k in config["quantization"]
+            }
         quantization = dict(defaults)
         plain = dict(defaults, mode=defaults.get("mode", "affine"))
         for job in jobs:  # in checkpoint order, for a readable config
@@ -386,8 +393,10 @@ def write_weights(plan: Plan, out_dir: Path, progress: bool = True) -> dict:
         bar = _progress_bar(sum(job.source_bytes for job in plan.jobs), progress)
         for job in plan.jobs:
             for start, stop in job.blocks():
-                block = {name: read_rows(slot, start, stop) if job.chunked else read_rows(slot)
-                         for name, slot in job.sources.items()}
+                block = {
+                    name: read_rows(slot, start, stop) if job.chunked else read_rows(slot)
+                    for name, slot in job.sources.items()
+                }
                 out = convert_arrays(block, plan.rules)
                 mx.eval(out)
                 for name, array in out.items():
@@ -415,8 +424,7 @@ def _progress_bar(total: int, enabled: bool):
     from tqdm import tqdm
 
     # tqdm hides itself when stderr is not a terminal (disable=None).
-    return tqdm(total=total, unit="B", unit_scale=True, desc="Converting",
-                disable=None if enabled else True)
+    return tqdm(total=total, unit="B", unit_scale=True, desc="Converting", disable=None if enabled else True)
 
 
 def _output_config(config: dict, plan: Plan, dtype: Optional[str]) -> dict:
@@ -591,9 +599,7 @@ def convert(
         raise ConvertError("choose either quantization or --dequantize, not both")
     if isinstance(recipe, dict):
         if set(recipe) != set(PIECES) or not set(recipe.values()) <= {"requested", "high", None}:
-            raise ConvertError(
-                f"a recipe table maps each of {', '.join(PIECES)} to 'requested', 'high' or None"
-            )
+            raise ConvertError(f"a recipe table maps each of {', '.join(PIECES)} to 'requested', 'high' or None")
     elif recipe is not None and recipe not in RECIPES:
         raise ConvertError(f"unknown recipe {recipe!r} (choose from {', '.join(RECIPES)})")
     if dtype is not None and dtype not in DTYPES:
@@ -621,8 +627,7 @@ def convert(
     free = shutil.disk_usage(target.parent if target.parent.exists() else Path.cwd()).free
     if plan.nbytes > free:
         raise ConvertError(
-            f"not enough disk space for {target}: {plan.nbytes / 1e9:.1f} GB needed, "
-            f"{free / 1e9:.1f} GB free"
+            f"not enough disk space for {target}: {plan.nbytes / 1e9:.1f} GB needed, {free / 1e9:.1f} GB free"
         )
 
     with staged_directory(target, force) as staging:
@@ -633,9 +638,7 @@ def convert(
             if (model_path / name).is_file():
                 shutil.copyfile(model_path / name, staging / name)
         hub_id = None if Path(hf_path).expanduser().exists() else hf_path
-        (staging / "README.md").write_text(
-            model_card(target.name, hub_id, _source_license(model_path))
-        )
+        (staging / "README.md").write_text(model_card(target.name, hub_id, _source_license(model_path)))
         # The loader's own checks (names, shapes, quantization) on the result,
         # lazily: no weight is read.
         load_model(staging, lazy=True)

@@ -45,11 +45,7 @@ def expert_groups_on_host(glu: SwitchGLU, pairs: int) -> bool:
     if not on_cpu() or type(proj) is not SwitchLinear:
         return False
     experts, out_dims, in_dims = proj.weight.shape
-    return (
-        "bias" not in proj
-        and pairs >= experts
-        and out_dims * in_dims >= MIN_GROUPED_EXPERT_WEIGHTS
-    )
+    return "bias" not in proj and pairs >= experts and out_dims * in_dims >= MIN_GROUPED_EXPERT_WEIGHTS
 
 
 def grouped_switch_glu(glu: SwitchGLU, x: mx.array, indices: mx.array) -> Optional[mx.array]:
@@ -113,9 +109,5 @@ def upcast_experts(model: nn.Module):
     if not on_cpu():
         return
     for _, module in model.named_modules():
-        if (
-            type(module).__name__ == "SwitchLinear"
-            and "scales" not in module
-            and module.weight.dtype != mx.float32
-        ):
+        if type(module).__name__ == "SwitchLinear" and "scales" not in module and module.weight.dtype != mx.float32:
             module.weight = module.weight.astype(mx.float32)

@@ -236,9 +236,7 @@ def _denoise_rows(processed: mx.array, entropy_bound: float, keys: List[mx.array
     if len(keys) == 1:
         return sampler.denoise_step_update(processed, entropy_bound, keys[0], fixed)
     rows = [
-        sampler.denoise_step_update(
-            processed[r : r + 1], entropy_bound, k, None if fixed is None else fixed.row(r)
-        )
+        sampler.denoise_step_update(processed[r : r + 1], entropy_bound, k, None if fixed is None else fixed.row(r))
         for r, k in enumerate(keys)
     ]
     return sampler.DenoiseStep(*(mx.concatenate(parts) for parts in zip(*rows)))
@@ -308,8 +306,14 @@ def _queue(result):
     state, update = result
     mean_entropy = update.entropy.mean(axis=-1)
     mx.async_eval(
-        state.canvas, state.argmax, state.signal, state.history, state.stopped,
-        update.entropy, update.accepted, mean_entropy,
+        state.canvas,
+        state.argmax,
+        state.signal,
+        state.history,
+        state.stopped,
+        update.entropy,
+        update.accepted,
+        mean_entropy,
     )
     return state, update, mean_entropy
 
@@ -378,12 +382,16 @@ def generate_step(
             new_stopped = state.stopped.tolist()  # the step's one wait for the device
             mean_entropy = mean_entropy.tolist()
             resting = [a or b for a, b in zip(resting, new_stopped)]
-            confident = any(
-                h < params.confidence_threshold for h, r in zip(mean_entropy, resting) if not r
-            )
+            confident = any(h < params.confidence_threshold for h, r in zip(mean_entropy, resting) if not r)
             yield DenoisingStep(
-                canvas_index, step, state.argmax, update.entropy, update.accepted,
-                mean_entropy, new_stopped, denoised,
+                canvas_index,
+                step,
+                state.argmax,
+                update.entropy,
+                update.accepted,
+                mean_entropy,
+                new_stopped,
+                denoised,
             )
             done = all(resting) or step == 1
             if ahead is not None and (done or new_stopped != stopped):
@@ -400,8 +408,9 @@ def generate_step(
             step -= 1
 
         rows = state.argmax.tolist()
-        commit = CanvasCommit(canvas_index, step, [not f for f in finished], [[] for _ in range(B)],
-                              [None] * B, [None] * B, [0] * B)
+        commit = CanvasCommit(
+            canvas_index, step, [not f for f in finished], [[] for _ in range(B)], [None] * B, [None] * B, [0] * B
+        )
         last_canvas = canvas_index == n_canvases - 1
         for r in range(B):
             if finished[r]:
@@ -509,8 +518,7 @@ def _initial_canvases(initial_canvas, batch: int, canvas_length: int, vocab: int
         canvas = mx.broadcast_to(canvas[None], (batch, canvas.shape[0]))
     if canvas.shape != (batch, canvas_length):
         raise ValueError(
-            f"initial_canvas must have shape [{canvas_length}] or [{batch}, {canvas_length}] "
-            f"(got {list(canvas.shape)})"
+            f"initial_canvas must have shape [{canvas_length}] or [{batch}, {canvas_length}] (got {list(canvas.shape)})"
         )
     if mx.any((canvas < 0) | (canvas >= vocab)).item():
         raise ValueError(f"initial_canvas holds ids outside [0, {vocab})")

@@ -175,7 +175,7 @@ class LiveView(PlainView):
             while start < len(text) and (text[start] == "\t" or char_width(text[start]) == 0):
                 start += 1
             newline = text.startswith("\n", start)
-            text = text[start + newline:]
+            text = text[start + newline :]
             self.wrapped = not (text or newline)
         width = self._width()
         text = expand_tabs(text, self.column, width)

@@ -86,9 +86,7 @@ class Attention(nn.Module):
             max_position_embeddings=args.max_position_embeddings,
         )
 
-    def __call__(
-        self, x: mx.array, cache: LayerCache, mask: Optional[mx.array], encoding: bool
-    ) -> mx.array:
+    def __call__(self, x: mx.array, cache: LayerCache, mask: Optional[mx.array], encoding: bool) -> mx.array:
         B, L, _ = x.shape
         queries = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, -1))
         keys = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)
@@ -106,9 +104,7 @@ class Attention(nn.Module):
             keys, values = cache.extend(keys, values)
 
         # q/k norms take the place of the 1/sqrt(d) scale.
-        out = mx.fast.scaled_dot_product_attention(
-            queries, keys, values, scale=1.0, mask=mask
-        )
+        out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=1.0, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
@@ -168,12 +164,8 @@ class Layer(nn.Module):
         self.layer_scalar = mx.ones((1,))
         self.encoder_layer_scalar = mx.ones((1,))
 
-    def __call__(
-        self, x: mx.array, cache: LayerCache, mask: Optional[mx.array], encoding: bool
-    ) -> mx.array:
-        h = x + self.post_attention_layernorm(
-            self.self_attn(self.input_layernorm(x), cache, mask, encoding)
-        )
+    def __call__(self, x: mx.array, cache: LayerCache, mask: Optional[mx.array], encoding: bool) -> mx.array:
+        h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cache, mask, encoding))
         dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(h)))
         # The router reads the raw residual, not a normed one.
         top_k, weights = self.router(h)
@@ -199,7 +191,10 @@ class SelfConditioning(MLP):
 
 
 def _key_mask(
-    queries: mx.array, keys: mx.array, causal: bool, window: Optional[int],
+    queries: mx.array,
+    keys: mx.array,
+    causal: bool,
+    window: Optional[int],
     left_padding: Optional[mx.array],
 ) -> Optional[mx.array]:
     """Boolean [B or 1, 1, L, K] mask from absolute query and key positions."""
@@ -264,9 +259,7 @@ class Model(nn.Module):
             h = layer(h, c, masks[sliding], encoding)
         return self.norm(h)
 
-    def encode(
-        self, input_ids: mx.array, cache: PromptCache, left_padding=None
-    ) -> mx.array:
+    def encode(self, input_ids: mx.array, cache: PromptCache, left_padding=None) -> mx.array:
         """Append the tokens' keys and values to ``cache``; return final hidden states.
 
         ``left_padding`` (per row pad count) is given with the first chunk of a
@@ -283,8 +276,14 @@ class Model(nn.Module):
         probs = probs.astype(dtype)
         if isinstance(e, nn.QuantizedEmbedding):
             soft = mx.quantized_matmul(
-                probs, e.weight, e.scales, e.get("biases"), transpose=False,
-                group_size=e.group_size, bits=e.bits, mode=e.mode,
+                probs,
+                e.weight,
+                e.scales,
+                e.get("biases"),
+                transpose=False,
+                group_size=e.group_size,
+                bits=e.bits,
+                mode=e.mode,
             )
         else:
             soft = probs @ e.weight

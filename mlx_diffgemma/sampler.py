@@ -22,9 +22,7 @@ import mlx.core as mx
 TOKEN_DTYPE = mx.int32
 
 
-def temperature(
-    step: int, max_denoising_steps: int, t_min: float, t_max: float
-) -> float:
+def temperature(step: int, max_denoising_steps: int, t_min: float, t_max: float) -> float:
     """Temperature at `step` (N at the first step, 1 at the last).
 
     Linear in the remaining steps: t_max at step N, falling towards t_min.
@@ -98,9 +96,7 @@ def entropy_bound_accept(entropy: mx.array, entropy_bound: float) -> mx.array:
     sorted_entropy = mx.take_along_axis(entropy, order, axis=-1)
     entropy_before = mx.cumsum(sorted_entropy, axis=-1, inclusive=False)
     accept_sorted = entropy_before <= entropy_bound
-    return mx.put_along_axis(
-        mx.zeros(entropy.shape, dtype=mx.bool_), order, accept_sorted, axis=-1
-    )
+    return mx.put_along_axis(mx.zeros(entropy.shape, dtype=mx.bool_), order, accept_sorted, axis=-1)
 
 
 def sample_from(dist: Distribution, key: mx.array) -> mx.array:
@@ -120,18 +116,12 @@ def argmax_tokens(processed_logits: mx.array) -> mx.array:
     return mx.argmax(processed_logits, axis=-1).astype(TOKEN_DTYPE)
 
 
-def initial_canvas(
-    key: mx.array, batch: int, canvas_length: int, vocab_size: int
-) -> mx.array:
+def initial_canvas(key: mx.array, batch: int, canvas_length: int, vocab_size: int) -> mx.array:
     """A canvas of token ids drawn uniformly from [0, vocab_size)."""
-    return mx.random.randint(
-        0, vocab_size, (batch, canvas_length), dtype=TOKEN_DTYPE, key=key
-    )
+    return mx.random.randint(0, vocab_size, (batch, canvas_length), dtype=TOKEN_DTYPE, key=key)
 
 
-def renoise(
-    canvas: mx.array, keep: mx.array, vocab_size: int, key: mx.array
-) -> mx.array:
+def renoise(canvas: mx.array, keep: mx.array, vocab_size: int, key: mx.array) -> mx.array:
     """Re-draw every position not in `keep` uniformly from the vocabulary."""
     noise = initial_canvas(key, canvas.shape[0], canvas.shape[1], vocab_size)
     return mx.where(keep, canvas, noise)
@@ -195,9 +185,7 @@ def denoise_step_update(
     return DenoiseStep(next_canvas, argmax, entropy, accepted, dist.probs)
 
 
-def hold_finished_rows(
-    finished: mx.array, previous: mx.array, updated: mx.array
-) -> mx.array:
+def hold_finished_rows(finished: mx.array, previous: mx.array, updated: mx.array) -> mx.array:
     """Rows of `updated`, except finished rows keep `previous`.
 
     In a batch, a row that already stopped keeps its canvas, argmax canvas and
@@ -208,9 +196,7 @@ def hold_finished_rows(
     return mx.where(finished, previous, updated)
 
 
-def empty_argmax_history(
-    stability_threshold: int, batch: int, canvas_length: int
-) -> mx.array:
+def empty_argmax_history(stability_threshold: int, batch: int, canvas_length: int) -> mx.array:
     """The stop check's history at the start of a canvas: [S, B, C] of -1.
 
     -1 is never a token, so no canvas matches it and the first S steps cannot

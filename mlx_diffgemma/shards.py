@@ -100,9 +100,7 @@ def read_header(path: Path) -> Dict[str, Slot]:
         if end - begin != slot.nbytes:
             raise ShardError(f"{path}: tensor {name} has {end - begin} bytes for shape {list(shape)}")
         if data_start + end > size:
-            raise ShardError(
-                f"{path}: truncated ({size} bytes, tensor {name} ends at byte {data_start + end})"
-            )
+            raise ShardError(f"{path}: truncated ({size} bytes, tensor {name} ends at byte {data_start + end})")
         slots[name] = slot
     return slots
 
@@ -133,8 +131,7 @@ class ShardWriter:
         header, slots, offset = {}, {}, 0
         for name, dtype, shape in tensors:
             slot = Slot(path, dtype, tuple(shape), offset)  # offset made absolute below
-            header[name] = {"dtype": dtype, "shape": list(shape),
-                            "data_offsets": [offset, offset + slot.nbytes]}
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + slot.nbytes]}
             slots[name] = slot
             offset += slot.nbytes
         header["__metadata__"] = {"format": "mlx"}
@@ -143,9 +140,7 @@ class ShardWriter:
         data_start = 8 + len(raw)
         self.path = path
         self.size = data_start + offset
-        self.slots = {
-            name: Slot(path, s.dtype, s.shape, data_start + s.offset) for name, s in slots.items()
-        }
+        self.slots = {name: Slot(path, s.dtype, s.shape, data_start + s.offset) for name, s in slots.items()}
         self._unwritten = {name: s.nbytes for name, s in self.slots.items()}
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
@@ -161,9 +156,7 @@ class ShardWriter:
         expected = slot.shape[1:] if len(slot.shape) > 1 else slot.shape
         got = array.shape[1:] if len(slot.shape) > 1 else array.shape
         if tuple(got) != expected or dtype_name(array.dtype) != slot.dtype:
-            raise ValueError(
-                f"{name}: writing {array.dtype} {list(array.shape)} into {slot.dtype} {list(slot.shape)}"
-            )
+            raise ValueError(f"{name}: writing {array.dtype} {list(array.shape)} into {slot.dtype} {list(slot.shape)}")
         if array.dtype == mx.bfloat16:
             array = array.view(mx.uint16)
         data = memoryview(np.ascontiguousarray(np.array(array, copy=False))).cast("B")

@@ -42,7 +42,7 @@ def split_thinking(text: str) -> Tuple[Optional[str], str]:
         if first and end >= 0 and (start < 0 or end < start):
             # The prompt opened the channel; we only see its end.
             thoughts.append(_thought_body(rest[:end]))
-            rest = rest[end + len(CHANNEL_END):]
+            rest = rest[end + len(CHANNEL_END) :]
             first = False
             continue
         first = False
@@ -50,13 +50,13 @@ def split_thinking(text: str) -> Tuple[Optional[str], str]:
             answer_parts.append(rest)
             break
         answer_parts.append(rest[:start])
-        rest = rest[start + len(CHANNEL_START):]
+        rest = rest[start + len(CHANNEL_START) :]
         end = rest.find(CHANNEL_END)
         if end < 0:
             thoughts.append(_thought_body(rest))
             break
         thoughts.append(_thought_body(rest[:end]))
-        rest = rest[end + len(CHANNEL_END):]
+        rest = rest[end + len(CHANNEL_END) :]
 
     answer = "".join(answer_parts).replace(CHANNEL_END, "").strip()
     if not thoughts:
@@ -68,7 +68,7 @@ def _thought_body(body: str) -> str:
     # Drop the channel's name ("thought"), which the model writes right after `<|channel>`.
     name = "thought"
     if body.startswith(name) and (len(body) == len(name) or body[len(name)].isspace()):
-        body = body[len(name):]
+        body = body[len(name) :]
     return body.strip()
 
 
@@ -95,20 +95,20 @@ class ThoughtFormatter:
                 if self.name_pending:
                     self.name_pending = False
                     if text.startswith("thought"):
-                        text = text[len("thought"):].lstrip("\n")
+                        text = text[len("thought") :].lstrip("\n")
                 end = text.find(CHANNEL_END)
                 body = text if end < 0 else text[:end]
                 kept = body.rstrip()
                 if kept:
                     pieces.append(("thought", self.held + kept))
-                    self.held = body[len(kept):]
+                    self.held = body[len(kept) :]
                 else:
                     self.held += body
                 if end < 0:
                     break
                 self.in_thought, self.held, self.answer_start = False, "", True
                 pieces.append(("thought", "\n\n"))
-                text = text[end + len(CHANNEL_END):]
+                text = text[end + len(CHANNEL_END) :]
             else:
                 start = text.find(CHANNEL_START)
                 body = text if start < 0 else text[:start]
@@ -123,7 +123,7 @@ class ThoughtFormatter:
                 label = self.LABEL if self.answer_start else "\n" + self.LABEL
                 self.in_thought, self.name_pending = True, True
                 pieces.append(("thought", label))
-                text = text[start + len(CHANNEL_START):]
+                text = text[start + len(CHANNEL_START) :]
         return pieces
 
     def preview(self, text: str) -> str:

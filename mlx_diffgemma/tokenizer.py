@@ -44,7 +44,6 @@ __all__ = [
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 
-
 class GemmaStreamingDetokenizer(StreamingDetokenizer):
     """Streaming detokenizer for Gemma's decoder: Replace("▁", " "), ByteFallback, Fuse.
 
@@ -194,8 +193,6 @@ def load_tokenizer(
     old = wrapper._detokenizer
     if isinstance(old, SPMStreamingDetokenizer):
         # Gemma's decoder; mlx-lm picked its SPM detokenizer. Use the exact one.
-        wrapper._detokenizer = GemmaStreamingDetokenizer(
-            wrapper._tokenizer, trim_space=old.trim_space
-        )
+        wrapper._detokenizer = GemmaStreamingDetokenizer(wrapper._tokenizer, trim_space=old.trim_space)
     wrapper.__class__ = DiffGemmaTokenizerWrapper
     return wrapper

@@ -50,11 +50,11 @@ def get_model_path(path_or_repo: str, revision: Optional[str] = None) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(
-            snapshot_download(path_or_repo, revision=revision, allow_patterns=_HUB_PATTERNS)
-        )
+        return Path(snapshot_download(path_or_repo, revision=revision, allow_patterns=_HUB_PATTERNS))
     except Exception as e:  # network, auth, missing repo: one line for the user
-        raise LoadError(f"{path_or_repo}: cannot download from the Hub ({type(e).__name__}: {e})".splitlines()[0]) from e
+        raise LoadError(
+            f"{path_or_repo}: cannot download from the Hub ({type(e).__name__}: {e})".splitlines()[0]
+        ) from e
 
 
 def load_config(model_path: Path) -> dict:
@@ -115,7 +115,7 @@ def rename(name: str) -> List[str]:
     m = _ENCODER_SCALAR.match(name)
     if m:
         return [f"layers.{m.group(1)}.encoder_layer_scalar"]
-    key = name[len(_DECODER):] if name.startswith(_DECODER) else name
+    key = name[len(_DECODER) :] if name.startswith(_DECODER) else name
     m = _FUSED_EXPERTS.match(key)
     if m:
         base, proj, suffix = m.group(1) + "switch_glu.", m.group(2), m.group(3) or ".weight"
@@ -152,9 +152,7 @@ def sanitize(weights: Dict[str, mx.array]) -> Tuple[Dict[str, mx.array], Dict[st
     return out, origin
 
 
-def stored_quantization(
-    model: nn.Module, quantization: dict, weights: Dict[str, mx.array]
-) -> Dict[str, dict]:
+def stored_quantization(model: nn.Module, quantization: dict, weights: Dict[str, mx.array]) -> Dict[str, dict]:
     """The ``to_quantized`` arguments of each module the checkpoint stores quantized.
 
     As in mlx-lm, a module named in the ``quantization`` block takes that entry
@@ -199,8 +197,7 @@ def check_weights(model: Model, weights: Dict[str, mx.array], origin: Dict[str, 
             raise LoadError(f"unexpected tensor {origin.get(name, name)} in checkpoint")
         if tuple(value.shape) != tuple(expected[name].shape):
             raise LoadError(
-                f"tensor {origin.get(name, name)} has shape {list(value.shape)}, "
-                f"expected {list(expected[name].shape)}"
+                f"tensor {origin.get(name, name)} has shape {list(value.shape)}, expected {list(expected[name].shape)}"
             )
     missing = [k for k in expected if k not in weights]
     if missing:

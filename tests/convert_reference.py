@@ -27,10 +27,9 @@ model.
 
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 import torch
-
-import mlx.core as mx
 from reference import build_reference
 
 ROUTER_SPREAD = 1.5
@@ -40,8 +39,7 @@ QUANTIZABLE_WIDTHS = dict(intermediate_size=128, moe_intermediate_size=64)
 
 def build_quantization_reference(path: Path, dtype=torch.float32, seed: int = 0, **text_overrides):
     """Save the checkpoint to ``path`` (Hugging Face layout); return the torch model."""
-    model = build_reference(path, dtype=torch.float32, seed=seed,
-                            **dict(QUANTIZABLE_WIDTHS, **text_overrides))
+    model = build_reference(path, dtype=torch.float32, seed=seed, **dict(QUANTIZABLE_WIDTHS, **text_overrides))
     hidden = model.config.get_text_config().hidden_size
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -8,7 +8,6 @@ top-k > 1 experts, and a sliding window shorter than the test prompts.
 from pathlib import Path
 
 import torch
-
 from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
 
 # Large enough for the test tokenizer (tokenizer_fixture.py, ~670 tokens).
@@ -51,12 +50,9 @@ VISION_CONFIG = dict(
 CANVAS = 16
 
 
-
 def make_config(**text_overrides) -> DiffusionGemmaConfig:
     text = dict(TEXT_CONFIG, **text_overrides)
-    return DiffusionGemmaConfig(
-        text_config=text, vision_config=VISION_CONFIG, canvas_length=CANVAS
-    )
+    return DiffusionGemmaConfig(text_config=text, vision_config=VISION_CONFIG, canvas_length=CANVAS)
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0, same_scalars: bool = True):
@@ -92,9 +88,7 @@ def randomize_(model: torch.nn.Module, seed: int = 0, same_scalars: bool = True)
                 b.copy_(scalars[layer])
 
 
-def build_reference(
-    path: Path, dtype=torch.float32, seed: int = 0, same_scalars: bool = True, **text_overrides
-):
+def build_reference(path: Path, dtype=torch.float32, seed: int = 0, same_scalars: bool = True, **text_overrides):
     """Save a random tiny checkpoint in the Hugging Face layout; return the torch model."""
     torch.manual_seed(seed)
     model = DiffusionGemmaForBlockDiffusion(make_config(**text_overrides)).eval()

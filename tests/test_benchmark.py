@@ -22,9 +22,18 @@ STEPS = 2
 FAST = dict(preset="tiny", prompt_tokens=24, max_tokens=CANVAS + 8, fixed_steps=STEPS, repeats=1)
 
 GENERATION_FIELDS = (
-    "prompt_time_s", "prompt_tps", "step_time_s", "denoising_steps", "canvases", "steps_per_canvas",
-    "tokens_per_forward", "generation_tokens", "generation_tps", "end_to_end_tps",
-    "canvas_positions_per_s", "peak_memory_gb",
+    "prompt_time_s",
+    "prompt_tps",
+    "step_time_s",
+    "denoising_steps",
+    "canvases",
+    "steps_per_canvas",
+    "tokens_per_forward",
+    "generation_tokens",
+    "generation_tps",
+    "end_to_end_tps",
+    "canvas_positions_per_s",
+    "peak_memory_gb",
 )
 
 
@@ -77,9 +86,22 @@ def test_run_benchmark_in_process():
 
 def test_cli_json_subprocess():
     cmd = [
-        sys.executable, "-m", "mlx_diffgemma.benchmark", "--preset", "tiny",
-        "-p", str(FAST["prompt_tokens"]), "-g", str(FAST["max_tokens"]),
-        "--fixed-steps", str(STEPS), "--breakdown", "--repeats", "1", "--format", "json",
+        sys.executable,
+        "-m",
+        "mlx_diffgemma.benchmark",
+        "--preset",
+        "tiny",
+        "-p",
+        str(FAST["prompt_tokens"]),
+        "-g",
+        str(FAST["max_tokens"]),
+        "--fixed-steps",
+        str(STEPS),
+        "--breakdown",
+        "--repeats",
+        "1",
+        "--format",
+        "json",
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -98,8 +120,15 @@ def test_compare_autoregressive():
     result = benchmark.run_benchmark(benchmark.Options(compare=["ar"], **FAST))
     ar = result["compare"]["ar"]
     assert ar["generation_tokens"] == FAST["max_tokens"]
-    for name in ("token_time_s", "prompt_tps", "generation_tps", "end_to_end_tps",
-                 "break_even_tokens_per_forward", "ours_faster_generation", "ours_faster_end_to_end"):
+    for name in (
+        "token_time_s",
+        "prompt_tps",
+        "generation_tps",
+        "end_to_end_tps",
+        "break_even_tokens_per_forward",
+        "ours_faster_generation",
+        "ours_faster_end_to_end",
+    ):
         assert ar[name] > 0, name
     assert "Autoregressive" in benchmark.format_report(result)
 
@@ -168,3 +197,25 @@ def test_torch_and_transformers_are_imported_only_for_comparisons():
                 top_level.add(node.module.split(".")[0])
     assert "mlx" in top_level  # the modules were read
     assert not top_level & {"torch", "transformers", "mlx_vlm"}
+
+
+def test_a_missing_comparison_package_fails_before_any_timing(monkeypatch):
+    import importlib.util
+
+    from mlx_diffgemma.benchmark import compare
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        compare.importlib.util, "find_spec", lambda name, *a: None if name == "mlx_vlm" else find_spec(name, *a)
+    )
+    with pytest.raises(ValueError, match=r"--compare mlx-vlm needs mlx-vlm==0.7.10: pip install"):
+        benchmark.validate(benchmark.Options(compare=["mlx-vlm"], **FAST))
+
+
+@pytest.mark.parametrize("where", ["no-such-dir/out.json", "."])
+def test_an_unwritable_json_path_is_refused_before_the_run(tmp_path, where):
+    cmd = [sys.executable, "-m", "mlx_diffgemma.benchmark", "--preset", "tiny", "--json", str(tmp_path / where)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "--json" in done.stderr and "Traceback" not in done.stderr
+    assert "Timing" not in done.stderr  # refused before any work

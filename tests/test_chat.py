@@ -1,14 +1,13 @@
 """chat(): the template applied, answers split, and follow-ups encoding only new tokens."""
 
+import mlx.core as mx
 import numpy as np
 import pytest
-
-import mlx.core as mx
+from reference import build_reference
+from tokenizer_fixture import write_test_tokenizer
 
 from mlx_diffgemma import load
 from mlx_diffgemma.chat import chat, chat_prompt, stream_chat
-from reference import build_reference
-from tokenizer_fixture import write_test_tokenizer
 
 KW = dict(max_denoising_steps=3)
 
@@ -49,8 +48,12 @@ def test_follow_up_encodes_only_the_new_turn(checkpoint):
 
     # Both answers and their stop tokens are in the cache, and nothing twice.
     assert second.chat_cache.cache.offset == (
-        first.prompt_tokens + first.last.generation_tokens + 1
-        + second.prompt_tokens + second.last.generation_tokens + 1
+        first.prompt_tokens
+        + first.last.generation_tokens
+        + 1
+        + second.prompt_tokens
+        + second.last.generation_tokens
+        + 1
     )
 
 
@@ -74,14 +77,16 @@ def test_incremental_cache_equals_encoding_the_conversation_at_once(checkpoint):
 
 def test_tools_reach_the_template(checkpoint):
     model, tokenizer = checkpoint
-    tools = [{
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "Weather for a city",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
-        },
-    }]
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Weather for a city",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            },
+        }
+    ]
     messages = [{"role": "user", "content": "weather?"}]
     prompt, _ = chat_prompt(model, tokenizer, messages, None, tools=tools, enable_thinking=False)
     assert 46 in prompt and 47 in prompt  # <|tool> ... <tool|>

@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference import build_reference
+from tokenizer_fixture import write_test_tokenizer
 
 from mlx_diffgemma import cli, live
 from mlx_diffgemma.thinking import ThoughtFormatter
 from mlx_diffgemma.utils import LoadError
-from reference import build_reference
-from tokenizer_fixture import write_test_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 # PYTHONPATH so the examples, run as scripts from examples/, import this checkout.
@@ -83,8 +83,19 @@ def generated_text(model_dir, prompt, **params):
 
 
 def test_generate_prints_the_text_and_figures_without_escape_codes(model_dir):
-    r = run("-m", "mlx_diffgemma.generate", "--model", model_dir, "--prompt", "hello",
-            "--max-tokens", "32", "--seed", "0", "--verbose")
+    r = run(
+        "-m",
+        "mlx_diffgemma.generate",
+        "--model",
+        model_dir,
+        "--prompt",
+        "hello",
+        "--max-tokens",
+        "32",
+        "--seed",
+        "0",
+        "--verbose",
+    )
     assert r.returncode == 0, r.stderr
     assert "\x1b" not in r.stdout  # piped: no escape codes at all
     text, stats = r.stdout.split("\n==========\n")
@@ -101,9 +112,25 @@ def test_generate_prints_the_text_and_figures_without_escape_codes(model_dir):
 
 
 def test_generate_reads_the_prompt_from_stdin_and_takes_sampler_flags(model_dir):
-    r = run("-m", "mlx_diffgemma.generate", "--model", model_dir, "--prompt", "-",
-            "--seed", "1", "--verbose", *FAST[:2], "--max-denoising-steps", "2",
-            "--t-min", "0.3", "--t-max", "0.9", stdin="hello")
+    r = run(
+        "-m",
+        "mlx_diffgemma.generate",
+        "--model",
+        model_dir,
+        "--prompt",
+        "-",
+        "--seed",
+        "1",
+        "--verbose",
+        *FAST[:2],
+        "--max-denoising-steps",
+        "2",
+        "--t-min",
+        "0.3",
+        "--t-max",
+        "0.9",
+        stdin="hello",
+    )
     assert r.returncode == 0, r.stderr
     text = r.stdout.split("\n==========\n")[0]
     assert text == generated_text(
@@ -167,10 +194,22 @@ def test_help_reads_well(capsys):
 
     for parser in (generate_parser(), chat_parser()):
         text = parser.format_help()
-        for flag in ("--model", "--max-tokens", "--seed", "--max-denoising-steps", "--t-min",
-                     "--t-max", "--entropy-bound", "--stability-threshold",
-                     "--confidence-threshold", "--enable-thinking", "--live, --no-live",
-                     "--verbose", "--chat-template-config", "--system-prompt"):
+        for flag in (
+            "--model",
+            "--max-tokens",
+            "--seed",
+            "--max-denoising-steps",
+            "--t-min",
+            "--t-max",
+            "--entropy-bound",
+            "--stability-threshold",
+            "--confidence-threshold",
+            "--enable-thinking",
+            "--live, --no-live",
+            "--verbose",
+            "--chat-template-config",
+            "--system-prompt",
+        ):
             assert flag in text, flag
         assert "google/diffusiongemma-26B-A4B-it" in text
     generate_help = generate_parser().format_help()
@@ -245,14 +284,14 @@ def test_too_large_a_model_stops_the_command_before_loading(model_dir):
 def turn_figures(stdout):
     """(tokens encoded, tokens in the conversation) of each turn."""
     return [
-        (int(a), int(b))
-        for a, b in re.findall(r"^Prompt: (\d+) tokens \((\d+) in the conversation\)", stdout, re.M)
+        (int(a), int(b)) for a, b in re.findall(r"^Prompt: (\d+) tokens \((\d+) in the conversation\)", stdout, re.M)
     ]
 
 
 def test_chat_answers_two_turns_and_the_second_encodes_only_its_tokens(model_dir):
-    r = run("-m", "mlx_diffgemma.chat", "--model", model_dir, "--seed", "0", "--verbose",
-            *FAST, stdin="hello\nand then?\n")
+    r = run(
+        "-m", "mlx_diffgemma.chat", "--model", model_dir, "--seed", "0", "--verbose", *FAST, stdin="hello\nand then?\n"
+    )
     assert r.returncode == 0, r.stderr
     assert "\x1b" not in r.stdout and error_lines(r) == []
     assert r.stdout.startswith(">> hello\n")
@@ -271,8 +310,7 @@ def test_chat_answers_two_turns_and_the_second_encodes_only_its_tokens(model_dir
 def test_chat_commands(model_dir):
     too_long = "word " * 5000  # more than the tiny model's 4096 positions
     stdin = f"hello\n/think\nwhy?\nr\nhello\n{too_long}\nq\nnot read\n"
-    r = run("-m", "mlx_diffgemma.chat", "--model", model_dir, "--seed", "0", "--verbose",
-            *FAST, stdin=stdin)
+    r = run("-m", "mlx_diffgemma.chat", "--model", model_dir, "--seed", "0", "--verbose", *FAST, stdin=stdin)
     assert r.returncode == 0, r.stderr
     assert "[thinking on]" in r.stdout and "[new conversation]" in r.stdout
     assert "not read" not in r.stdout
@@ -452,9 +490,15 @@ def replay(events, width, height):
 def test_live_view_leaves_the_committed_text_on_a_terminal():
     # A row filled to the last column, then a draft, then a commit that starts
     # with a newline; a draft taller than the screen; wide characters.
-    events = [("commit", "abcdefghij"), ("draft", "zz"), ("commit", "\nnext"),
-              ("draft", "y" * 200), ("commit", " \u4e2d\u6587 wide"), ("draft", "\n\n\n\n\n\n"),
-              ("commit", "end")]
+    events = [
+        ("commit", "abcdefghij"),
+        ("draft", "zz"),
+        ("commit", "\nnext"),
+        ("draft", "y" * 200),
+        ("commit", " \u4e2d\u6587 wide"),
+        ("draft", "\n\n\n\n\n\n"),
+        ("commit", "end"),
+    ]
     shown, plain = replay(events, 10, 4)
     assert shown == plain == ["abcdefghij", "next \u4e2d\u6587", "wideend"]
 
@@ -482,8 +526,18 @@ def test_plain_view_writes_the_text_as_is():
 
 
 TMUX = shutil.which("tmux")
-LIVE_ARGS = ["--prompt", "hello", "--seed", "3", "--max-tokens", "48", "--max-denoising-steps", "30",
-             "--confidence-threshold", "1e-12"]  # never confident: every canvas takes 30 steps
+LIVE_ARGS = [
+    "--prompt",
+    "hello",
+    "--seed",
+    "3",
+    "--max-tokens",
+    "48",
+    "--max-denoising-steps",
+    "30",
+    "--confidence-threshold",
+    "1e-12",
+]  # never confident: every canvas takes 30 steps
 
 # The command, with each redraw slowed to 20 ms so that the run lasts a while
 # however fast the machine is.
@@ -518,9 +572,21 @@ def test_live_view_in_a_terminal(model_dir, piped_live_run, tmp_path, width, hei
     session = f"diffgemma-live-{os.getpid()}-{width}"
     command = " ".join(map(_quote, [sys.executable, "-c", SLOW_GENERATE, "--model", str(model_dir), *LIVE_ARGS]))
     stderr = tmp_path / "stderr"
-    tmux("new-session", "-d", "-s", session, "-x", str(width), "-y", str(height),
-         "-e", "HF_HUB_OFFLINE=1", "-c", str(ROOT),
-         f"{command} 2>{_quote(str(stderr))}; echo __EXIT__$?; sleep 600")
+    tmux(
+        "new-session",
+        "-d",
+        "-s",
+        session,
+        "-x",
+        str(width),
+        "-y",
+        str(height),
+        "-e",
+        "HF_HUB_OFFLINE=1",
+        "-c",
+        str(ROOT),
+        f"{command} 2>{_quote(str(stderr))}; echo __EXIT__$?; sleep 600",
+    )
     try:
         during = None
         deadline = time.monotonic() + 60

@@ -23,18 +23,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 import pytest
-
-import mlx.core as mx
+from convert_reference import build_quantization_reference, logit_error, quantization_logits
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear
+from reference import build_reference
+from tokenizer_fixture import write_test_tokenizer
 
 from mlx_diffgemma import load
 from mlx_diffgemma.convert import ConvertError, convert
 from mlx_diffgemma.utils import load_model
-from convert_reference import build_quantization_reference, logit_error, quantization_logits
-from reference import build_reference
-from tokenizer_fixture import write_test_tokenizer
 
 # The module itself (the package may export the function under the same name).
 convert_module = importlib.import_module("mlx_diffgemma.convert")
@@ -98,8 +97,7 @@ def converted(source, tmp_path_factory):
         key = (recipe, bits, tuple(sorted(kwargs.items())))
         if key not in made:
             name = f"{recipe}-{bits}-{len(made)}"
-            made[key] = convert(str(source), str(out_root / name), q_bits=bits, recipe=recipe,
-                                progress=False, **kwargs)
+            made[key] = convert(str(source), str(out_root / name), q_bits=bits, recipe=recipe, progress=False, **kwargs)
         return made[key]
 
     return get
@@ -128,8 +126,10 @@ def test_more_bits_less_error(converted, float_logits):
     [
         ("mixed", dict(experts=3, router=None, embedding=8, attention=8, mlp=8, self_conditioning=8)),
         ("uniform", dict(experts=3, router=3, embedding=3, attention=3, mlp=3, self_conditioning=3)),
-        ("experts-only", dict(experts=3, router=None, embedding=None, attention=None, mlp=None,
-                              self_conditioning=None)),
+        (
+            "experts-only",
+            dict(experts=3, router=None, embedding=None, attention=None, mlp=None, self_conditioning=None),
+        ),
     ],
 )
 def test_recipes_quantize_what_they_say(converted, recipe, expect):
@@ -155,18 +155,23 @@ def test_recipes_quantize_what_they_say(converted, recipe, expect):
 def test_output_layout(source, converted):
     out = converted("mixed", 4)
     names = {f.name for f in out.iterdir()}
-    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-              "chat_template.jinja", "generation_config.json", "README.md",
-              "model.safetensors.index.json", "config.json"):
+    for f in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "chat_template.jinja",
+        "generation_config.json",
+        "README.md",
+        "model.safetensors.index.json",
+        "config.json",
+    ):
         assert f in names, f
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == {"model.safetensors"}
     assert not any("vision" in k or k.startswith("model.") for k in index["weight_map"])
     # Encoder and decoder weights once; the encoder's scalars beside the decoder's.
     assert "layers.0.encoder_layer_scalar" in index["weight_map"]
-    assert index["metadata"]["total_size"] == sum(
-        v.nbytes for v in mx.load(str(out / "model.safetensors")).values()
-    )
+    assert index["metadata"]["total_size"] == sum(v.nbytes for v in mx.load(str(out / "model.safetensors")).values())
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "diffusion_gemma" and "vision_config" not in config
     assert config["quantization"]["bits"] == 4 and config["quantization"]["group_size"] == 64
@@ -178,13 +183,11 @@ def test_generation_runs_on_the_quantized_model(converted):
     from mlx_diffgemma.generate import generate, stream_generate
 
     model, tokenizer = load(str(converted("mixed", 4)))
-    events = list(stream_generate(model, None, [2, 5, 7], max_tokens=16, max_denoising_steps=4,
-                                  seed=0))
+    events = list(stream_generate(model, None, [2, 5, 7], max_tokens=16, max_denoising_steps=4, seed=0))
     committed = [t for e in events for t in e.token_ids]
     assert 1 <= len(events) and all(0 <= t < model.args.vocab_size for t in committed)
     assert events[-1].finish_reason in ("stop", "length")
-    assert isinstance(generate(model, tokenizer, [2, 5, 7], max_tokens=16, max_denoising_steps=4),
-                      str)
+    assert isinstance(generate(model, tokenizer, [2, 5, 7], max_tokens=16, max_denoising_steps=4), str)
 
 
 def test_small_blocks_and_shards_give_the_same_model(source, converted, tmp_path, monkeypatch):
@@ -341,8 +344,7 @@ def test_upload(source, tmp_path, monkeypatch):
             calls.append(("upload", folder_path, repo_id, repo_type))
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
-    out = convert(str(source), str(tmp_path / "up"), q_bits=4, upload_repo="me/tiny-4bit",
-                  progress=False)
+    out = convert(str(source), str(tmp_path / "up"), q_bits=4, upload_repo="me/tiny-4bit", progress=False)
     assert calls == [("create", "me/tiny-4bit"), ("upload", str(out), "me/tiny-4bit", "model")]
     card = (out / "README.md").read_text()
     assert 'load("me/tiny-4bit")' in card and "library_name: mlx" in card
@@ -354,7 +356,10 @@ def test_upload(source, tmp_path, monkeypatch):
 def run_cli(*args, cwd=None):
     return subprocess.run(
         [sys.executable, "-m", "mlx_diffgemma.convert", *map(str, args)],
-        capture_output=True, text=True, cwd=cwd, timeout=300,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
     )
 
 
@@ -384,8 +389,19 @@ def test_cli_converts(small_source, tmp_path):
 def test_cli_help_explains_each_flag():
     result = run_cli("--help")
     assert result.returncode == 0
-    for flag in ("--hf-path", "--mlx-path", "--quantize", "--q-bits", "--q-group-size",
-                 "--q-mode", "--recipe", "--dtype", "--dequantize", "--upload-repo", "--force"):
+    for flag in (
+        "--hf-path",
+        "--mlx-path",
+        "--quantize",
+        "--q-bits",
+        "--q-group-size",
+        "--q-mode",
+        "--recipe",
+        "--dtype",
+        "--dequantize",
+        "--upload-repo",
+        "--force",
+    ):
         assert flag in result.stdout, flag
 
 
@@ -464,9 +480,10 @@ def vlm_source(tmp_path_factory):
 
 def vlm_convert(src, dst, *args):
     result = subprocess.run(
-        [sys.executable, "-m", "mlx_vlm", "convert", "--hf-path", str(src), "--mlx-path", str(dst),
-         *args],
-        capture_output=True, text=True, timeout=600,
+        [sys.executable, "-m", "mlx_vlm", "convert", "--hf-path", str(src), "--mlx-path", str(dst), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     return dst
@@ -474,8 +491,9 @@ def vlm_convert(src, dst, *args):
 
 # mlx-vlm's DiffusionGemma quant_predicate: embedding, attention, dense MLP and
 # router at 8-bit (group 64); experts and self-conditioning at the requested bits.
-VLM_RECIPE = dict(experts="requested", router="high", embedding="high", attention="high",
-                  mlp="high", self_conditioning="requested")
+VLM_RECIPE = dict(
+    experts="requested", router="high", embedding="high", attention="high", mlp="high", self_conditioning="requested"
+)
 
 
 def test_mlx_vlm_float_checkpoint_loads_exactly(vlm_source, tmp_path):
@@ -486,8 +504,7 @@ def test_mlx_vlm_float_checkpoint_loads_exactly(vlm_source, tmp_path):
 
 def test_mlx_vlm_quantized_checkpoint(vlm_source, tmp_path):
     vlm = vlm_convert(vlm_source, tmp_path / "vlm-4bit", "-q", "--q-bits", "4")
-    ours = convert(str(vlm_source), str(tmp_path / "ours"), q_bits=4, recipe=VLM_RECIPE,
-                   progress=False)
+    ours = convert(str(vlm_source), str(tmp_path / "ours"), q_bits=4, recipe=VLM_RECIPE, progress=False)
     ref = quantization_logits(load_model(vlm_source), prompts=PROMPTS)
     from_vlm = quantization_logits(load_model(vlm), prompts=PROMPTS)
     # The same recipe quantizes the same weights to the same values.

@@ -1,20 +1,20 @@
 """Generation against transformers' DiffusionGemma generate, and its contract."""
 
+import importlib
+
+import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-
-import mlx.core as mx
+from reference import CANVAS, VOCAB, build_reference
+from tokenizer_fixture import write_test_tokenizer
 from transformers.models.diffusion_gemma import generation_diffusion_gemma as hf_gen
 
-import importlib
+from mlx_diffgemma.generate import SamplerParams, generate, stream_generate
+from mlx_diffgemma.utils import load
 
 # The package exports a generate() function under the module's name.
 gen = importlib.import_module("mlx_diffgemma.generate")
-from mlx_diffgemma.generate import SamplerParams, generate, stream_generate
-from mlx_diffgemma.utils import load
-from reference import CANVAS, VOCAB, build_reference
-from tokenizer_fixture import write_test_tokenizer
 
 PROMPT = 20  # longer than the sliding window (8)
 
@@ -65,7 +65,7 @@ def reference_generate(ref, ids, canvases, max_new_tokens, eos=(1,), **params):
     finally:
         hf_gen.EntropyBoundSampler.initialize_canvas = original
         hf_gen.DiffusionGemmaGenerationMixin._prepare_denoiser_inputs = original_prepare
-    return out.sequences[:, ids.shape[1]:].numpy(), out.tokens_per_forward.numpy()
+    return out.sequences[:, ids.shape[1] :].numpy(), out.tokens_per_forward.numpy()
 
 
 def ours_generate(model, ids, canvases, max_tokens, monkeypatch, eos=(1,), **params):
@@ -139,7 +139,12 @@ def test_max_tokens_not_a_multiple_of_the_canvas(checkpoint, max_tokens):
     _, model, _ = checkpoint
     responses = list(
         stream_generate(
-            model, None, [2, 5, 7], max_tokens=max_tokens, seed=1, max_denoising_steps=3,
+            model,
+            None,
+            [2, 5, 7],
+            max_tokens=max_tokens,
+            seed=1,
+            max_denoising_steps=3,
             eos_token_id=[511],
         )
     )
@@ -183,11 +188,17 @@ def test_batch_rows_match_their_solo_runs(checkpoint):
 
 def test_sampler_defaults_come_from_the_generation_config(checkpoint, monkeypatch):
     _, model, _ = checkpoint
-    monkeypatch.setattr(model, "generation_config", {
-        "max_denoising_steps": 12, "t_min": None, "t_max": 0.7,
-        "sampler_config": {"_cls_name": "EntropyBoundSamplerConfig", "entropy_bound": 0.3},
-        "eos_token_id": [1, 106, 50],
-    })
+    monkeypatch.setattr(
+        model,
+        "generation_config",
+        {
+            "max_denoising_steps": 12,
+            "t_min": None,
+            "t_max": 0.7,
+            "sampler_config": {"_cls_name": "EntropyBoundSamplerConfig", "entropy_bound": 0.3},
+            "eos_token_id": [1, 106, 50],
+        },
+    )
     p = SamplerParams.resolve(model)
     assert (p.max_denoising_steps, p.t_min, p.t_max, p.entropy_bound) == (12, 0.4, 0.7, 0.3)
     assert p.eos_token_id == [1, 106, 50]

@@ -7,10 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 import pytest
+from reference import CANVAS, VOCAB, build_reference
+from tokenizer_fixture import write_test_tokenizer
 
-import mlx.core as mx
 import mlx_diffgemma
 from mlx_diffgemma import benchmark, sampler
 from mlx_diffgemma.benchmark import breakdown
@@ -26,8 +28,6 @@ from mlx_diffgemma.generate import (
 )
 from mlx_diffgemma.model import Model
 from mlx_diffgemma.utils import load
-from reference import CANVAS, VOCAB, build_reference
-from tokenizer_fixture import write_test_tokenizer
 
 PACKAGE = Path(mlx_diffgemma.__file__).parent
 # As in test_generate: at t ~ 1e-6 sampling is argmax and every position is accepted.
@@ -221,8 +221,13 @@ def test_queueing_ahead_changes_no_result(checkpoint, stability, confidence):
     _, model, _ = checkpoint
     prompts = [[5, 9, 11, 40, 7], [6, 8, 10, 41, 7], [99, 3, 12, 50, 7]]
     params = SamplerParams.resolve(
-        model, t_min=5e-6, t_max=1e-5, max_denoising_steps=20, eos_token_id=[VOCAB],
-        stability_threshold=stability, confidence_threshold=confidence,
+        model,
+        t_min=5e-6,
+        t_max=1e-5,
+        max_denoising_steps=20,
+        eos_token_id=[VOCAB],
+        stability_threshold=stability,
+        confidence_threshold=confidence,
     )
     seeds = [3, 4, 3]
 

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from reference import build_reference
 from safetensors.numpy import load_file, save_file
 
 from mlx_diffgemma import load
 from mlx_diffgemma.config import ConfigError, ModelArgs
 from mlx_diffgemma.utils import LoadError, load_model
-from reference import build_reference
 
 # The released checkpoint's published configs, and its tensor listing (weights.tsv).
 RELEASED = Path(__file__).parent / "data/diffusiongemma-26B-A4B-it"

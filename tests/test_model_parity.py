@@ -6,19 +6,18 @@ float64 run of the reference, so 1e-4 leaves room for rounding noise but not
 for a wrong operation (a misplaced norm or scale moves logits by > 1e-2).
 """
 
+import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
-
-import mlx.core as mx
-import mlx.nn as nn
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU, SwitchLinear
+from reference import CANVAS, VOCAB, build_reference
 from transformers import DynamicCache
 
 from mlx_diffgemma import cpu_experts
 from mlx_diffgemma.model import GeGLU
 from mlx_diffgemma.utils import load_model
-from reference import CANVAS, VOCAB, build_reference
 
 TOL = 1e-4
 PROMPT = 20  # longer than the sliding window (8)
@@ -38,7 +37,8 @@ def ref_cache(ref):
 def ref_encode(ref, cache, ids, attention_mask=None):
     with torch.no_grad():
         out = ref.model.encoder(
-            input_ids=torch.tensor(ids), past_key_values=cache,
+            input_ids=torch.tensor(ids),
+            past_key_values=cache,
             attention_mask=None if attention_mask is None else torch.tensor(attention_mask),
         )
     return out.last_hidden_state.numpy()
@@ -50,9 +50,7 @@ def ref_denoise(ref, cache, canvas, sc=None, decoder_attention_mask=None):
             decoder_input_ids=torch.tensor(canvas),
             past_key_values=cache,
             self_conditioning_logits=None if sc is None else torch.tensor(sc),
-            decoder_attention_mask=(
-                None if decoder_attention_mask is None else torch.tensor(decoder_attention_mask)
-            ),
+            decoder_attention_mask=(None if decoder_attention_mask is None else torch.tensor(decoder_attention_mask)),
         )
     return out.logits.numpy()
 
@@ -226,10 +224,15 @@ def test_bfloat16_checkpoint(tmp_path):
         rc = ref_cache(ref)
         with torch.no_grad():
             ref.model.encoder(input_ids=torch.tensor(ids), past_key_values=rc)
-            return ref(
-                decoder_input_ids=torch.tensor(canvas), past_key_values=rc,
-                self_conditioning_logits=torch.tensor(sc).to(torch.bfloat16),
-            ).logits.float().numpy()
+            return (
+                ref(
+                    decoder_input_ids=torch.tensor(canvas),
+                    past_key_values=rc,
+                    self_conditioning_logits=torch.tensor(sc).to(torch.bfloat16),
+                )
+                .logits.float()
+                .numpy()
+            )
 
     expected16, expected32 = reference(ref16), reference(ref32)
     cache = model.make_cache()

@@ -32,9 +32,7 @@ def spread_logits(rng, batch, canvas, vocab):
 
 def reference_accept_mask(logits: np.ndarray, bound: float) -> np.ndarray:
     batch, canvas, vocab = logits.shape
-    ref = EntropyBoundSampler(
-        EntropyBoundSamplerConfig(entropy_bound=float(bound)), canvas, vocab, 10
-    )
+    ref = EntropyBoundSampler(EntropyBoundSamplerConfig(entropy_bound=float(bound)), canvas, vocab, 10)
     current = torch.zeros((batch, canvas), dtype=torch.long)
     denoised = torch.ones((batch, canvas), dtype=torch.long)
     accepted_canvas = ref.accept_canvas(current, denoised, to_torch(logits), 5)
@@ -51,9 +49,7 @@ def ours_accept_mask(logits: np.ndarray, bound: float) -> np.ndarray:
 # ---------------------------------------------------------------- temperature
 
 
-@pytest.mark.parametrize(
-    "t_min,t_max,steps", [(0.4, 0.8, 48), (0.1, 1.5, 7), (0.0, 1.0, 1), (0.25, 0.3, 256)]
-)
+@pytest.mark.parametrize("t_min,t_max,steps", [(0.4, 0.8, 48), (0.1, 1.5, 7), (0.0, 1.0, 1), (0.25, 0.3, 256)])
 def test_temperature_matches_reference_processor(t_min, t_max, steps):
     rng = np.random.default_rng(0)
     logits = rng.standard_normal((2, 4, 11)).astype(np.float32) * 5
@@ -133,9 +129,7 @@ def test_entropy_peaked_uniform_and_masked_logits():
         ref = reference_entropy(logits)
         assert np.isfinite(ours).all() and (ours >= 0).all()
         np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(
-        np.array(sampler.token_entropy(mx.array(uniform))), np.log(vocab), rtol=5e-6
-    )
+    np.testing.assert_allclose(np.array(sampler.token_entropy(mx.array(uniform))), np.log(vocab), rtol=5e-6)
     # The hugely peaked rows are exactly deterministic.
     assert (np.array(sampler.token_entropy(mx.array(peaked[:4]))) == 0).all()
 
@@ -171,9 +165,7 @@ def test_accept_only_first_position_for_tiny_bound():
         expected = np.zeros_like(ours)
         expected[np.arange(3), np.argmin(np.array(entropy), axis=-1)] = True
         np.testing.assert_array_equal(ours, expected)
-    np.testing.assert_array_equal(
-        ours_accept_mask(logits, 1e-6), reference_accept_mask(logits, 1e-6)
-    )
+    np.testing.assert_array_equal(ours_accept_mask(logits, 1e-6), reference_accept_mask(logits, 1e-6))
     assert not np.array(sampler.entropy_bound_accept(entropy, -1e-3)).any()
 
 
@@ -204,9 +196,7 @@ def test_ties_straddling_the_bound():
     as many, with the same entropies."""
     rng = np.random.default_rng(6)
     vocab, canvas = 50, 96  # >= 64: torch's CPU sort is not stable here
-    kinds = rng.standard_normal((4, vocab)).astype(np.float32) * np.array(
-        [[0.5], [1.0], [2.0], [4.0]], np.float32
-    )
+    kinds = rng.standard_normal((4, vocab)).astype(np.float32) * np.array([[0.5], [1.0], [2.0], [4.0]], np.float32)
     which = rng.integers(0, 4, size=(2, canvas))
     logits = kinds[which]  # many positions share bit-identical logits
     entropy = np.array(sampler.token_entropy(mx.array(logits)))
@@ -216,9 +206,7 @@ def test_ties_straddling_the_bound():
     ref = reference_accept_mask(logits, bound)
     np.testing.assert_array_equal(ours.sum(-1), ref.sum(-1))
     for b in range(2):
-        np.testing.assert_array_equal(
-            np.sort(entropy[b][ours[b]]), np.sort(entropy[b][ref[b]])
-        )
+        np.testing.assert_array_equal(np.sort(entropy[b][ours[b]]), np.sort(entropy[b][ref[b]]))
         order = np.argsort(entropy[b], kind="stable")
         expected = np.zeros(canvas, bool)
         expected[order[: ours[b].sum()]] = True
@@ -297,15 +285,9 @@ def test_argmax_and_entropy_outputs():
     logits = spread_logits(rng, 2, 32, 90)
     logits[0, 0, [3, 7]] = 100.0  # tie: first index, as torch.argmax
     out = sampler.denoise_step_update(mx.array(logits), 0.1, mx.random.key(1))
-    np.testing.assert_array_equal(
-        np.array(out.argmax_canvas), torch.argmax(to_torch(logits), dim=-1).numpy()
-    )
-    np.testing.assert_allclose(
-        np.array(out.entropy), reference_entropy(logits), rtol=1e-5, atol=1e-5
-    )
-    np.testing.assert_array_equal(
-        np.array(out.accepted), reference_accept_mask(logits, 0.1)
-    )
+    np.testing.assert_array_equal(np.array(out.argmax_canvas), torch.argmax(to_torch(logits), dim=-1).numpy())
+    np.testing.assert_allclose(np.array(out.entropy), reference_entropy(logits), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.array(out.accepted), reference_accept_mask(logits, 0.1))
 
 
 def test_mixed_canvas_peaked_positions_keep_their_token_rest_is_noise():
@@ -325,9 +307,7 @@ def test_mixed_canvas_peaked_positions_keep_their_token_rest_is_noise():
     expected = peaked.copy()
     expected[np.arange(batch), np.argmax(~peaked, axis=-1)] = True
     np.testing.assert_array_equal(accepted, expected)
-    np.testing.assert_array_equal(
-        accepted.sum(-1), reference_accept_mask(logits, 0.1).sum(-1)
-    )
+    np.testing.assert_array_equal(accepted.sum(-1), reference_accept_mask(logits, 0.1).sum(-1))
     np.testing.assert_array_equal(nxt[peaked], hot[peaked])
     # Renoised positions: uniform over the vocabulary, unrelated to the argmax.
     noise = nxt[~accepted]
@@ -357,9 +337,7 @@ def test_renoise_keeps_kept_positions_and_redraws_the_rest():
     batch, canvas, vocab = 64, 64, 40
     canvas_ids = np.full((batch, canvas), 7, np.int32)
     keep = rng.random((batch, canvas)) < 0.4
-    out = np.array(
-        sampler.renoise(mx.array(canvas_ids), mx.array(keep), vocab, mx.random.key(4))
-    )
+    out = np.array(sampler.renoise(mx.array(canvas_ids), mx.array(keep), vocab, mx.random.key(4)))
     assert (out[keep] == 7).all()
     redrawn = out[~keep]
     assert redrawn.min() >= 0 and redrawn.max() < vocab
@@ -455,9 +433,7 @@ def test_stop_check_matches_reference_over_steps(stability_threshold):
     for c, x in zip(canvases, logits):
         expected = ref(to_torch(c), to_torch(x)).numpy()
         entropy = sampler.token_entropy(mx.array(x))
-        stop, history = sampler.stable_and_confident(
-            mx.array(c, dtype=mx.int32), history, entropy, 0.005
-        )
+        stop, history = sampler.stable_and_confident(mx.array(c, dtype=mx.int32), history, entropy, 0.005)
         assert history.shape == (stability_threshold, batch, canvas)
         np.testing.assert_array_equal(np.array(stop), expected)
         stops.append(expected)
@@ -477,13 +453,9 @@ def test_stop_check_after_reset_starts_without_history():
     assert not stop.item()
     stop, history = sampler.stable_and_confident(canvas, history, entropy, 0.005)
     assert stop.item()
-    stop, _ = sampler.stable_and_confident(
-        canvas, history, mx.full((1, 3), 0.006), 0.005
-    )
+    stop, _ = sampler.stable_and_confident(canvas, history, mx.full((1, 3), 0.006), 0.005)
     assert not stop.item()  # stable but not confident
-    stop, _ = sampler.stable_and_confident(
-        canvas, sampler.empty_argmax_history(1, 1, 3), entropy, 0.005
-    )
+    stop, _ = sampler.stable_and_confident(canvas, sampler.empty_argmax_history(1, 1, 3), entropy, 0.005)
     assert not stop.item()
 
 

@@ -8,9 +8,9 @@ NOTES.md with `encode` on the plain-text pieces, never by calling the template.
 import json
 import random
 import shutil
-from pathlib import Path
 
 import pytest
+from tokenizer_fixture import SPECIAL_TOKENS, write_test_tokenizer
 
 from mlx_diffgemma.thinking import split_thinking
 from mlx_diffgemma.tokenizer import (
@@ -18,7 +18,6 @@ from mlx_diffgemma.tokenizer import (
     load_tokenizer,
     read_eos_token_ids,
 )
-from tokenizer_fixture import SPECIAL_TOKENS, write_test_tokenizer
 
 PAD, EOS, BOS, UNK, MASK = 0, 1, 2, 3, 4
 TOOL, TOOL_END, TOOL_CALL, TOOL_CALL_END = 46, 47, 48, 49
@@ -73,12 +72,14 @@ def test_fixture_vocabulary(tok, tok_dir):
     # As in Gemma, no piece glues "\n" to text, so "user\nhi" is user + [107] + hi.
     merges = json.loads((tok_dir / "tokenizer.json").read_text())["model"]["merges"]
     assert merges and not any("\n" in "".join(m) for m in merges)
-    assert tok.encode("user\nhi", add_special_tokens=False) == (
-        enc(tok, "user") + [NL] + enc(tok, "hi"))
+    assert tok.encode("user\nhi", add_special_tokens=False) == (enc(tok, "user") + [NL] + enc(tok, "hi"))
     assert tok.convert_ids_to_tokens([5, 99]) == ["<unused5>", "<unused99>"]
     # A character outside the small vocabulary falls back to its UTF-8 bytes.
     assert tok.convert_ids_to_tokens(tok.encode("🙂", add_special_tokens=False)) == [
-        "<0xF0>", "<0x9F>", "<0x99>", "<0x82>"
+        "<0xF0>",
+        "<0x9F>",
+        "<0x99>",
+        "<0x82>",
     ]
 
 
@@ -89,8 +90,9 @@ def test_fixture_loads_with_transformers(tok, tok_dir):
     text = "Hello <|turn>user\nhéllo 世界<turn|>"
     assert hf.encode(text) == tok.encode(text)
     assert hf.chat_template is not None
-    ids = hf.apply_chat_template(HI, tokenize=True, add_generation_prompt=True,
-                                 enable_thinking=False, return_dict=False)
+    ids = hf.apply_chat_template(
+        HI, tokenize=True, add_generation_prompt=True, enable_thinking=False, return_dict=False
+    )
     assert list(ids) == render(tok, HI, enable_thinking=False)
 
 
@@ -104,11 +106,22 @@ def test_encode_does_not_add_bos(tok):
 
 
 def test_turn_structure_thinking_off(tok):
-    expected = ([BOS, TURN] + enc(tok, "user") + [NL] + enc(tok, "hi") + [TURN_END, NL, TURN]
-                + enc(tok, "model") + [NL, CHANNEL] + enc(tok, "thought") + [NL, CHANNEL_END])
+    expected = (
+        [BOS, TURN]
+        + enc(tok, "user")
+        + [NL]
+        + enc(tok, "hi")
+        + [TURN_END, NL, TURN]
+        + enc(tok, "model")
+        + [NL, CHANNEL]
+        + enc(tok, "thought")
+        + [NL, CHANNEL_END]
+    )
     assert render(tok, HI, enable_thinking=False) == expected
-    assert (render_text(tok, HI, enable_thinking=False)
-            == "<bos><|turn>user\nhi<turn|>\n<|turn>model\n<|channel>thought\n<channel|>")
+    assert (
+        render_text(tok, HI, enable_thinking=False)
+        == "<bos><|turn>user\nhi<turn|>\n<|turn>model\n<|channel>thought\n<channel|>"
+    )
 
 
 def test_thinking_is_off_by_default(tok):
@@ -118,9 +131,17 @@ def test_thinking_is_off_by_default(tok):
 
 
 def test_turn_structure_thinking_on(tok):
-    expected = ([BOS, TURN] + enc(tok, "system") + [NL, THINK, NL, TURN_END, NL, TURN]
-                + enc(tok, "user") + [NL] + enc(tok, "hi") + [TURN_END, NL, TURN]
-                + enc(tok, "model") + [NL])
+    expected = (
+        [BOS, TURN]
+        + enc(tok, "system")
+        + [NL, THINK, NL, TURN_END, NL, TURN]
+        + enc(tok, "user")
+        + [NL]
+        + enc(tok, "hi")
+        + [TURN_END, NL, TURN]
+        + enc(tok, "model")
+        + [NL]
+    )
     assert render(tok, HI, enable_thinking=True) == expected
 
 
@@ -131,31 +152,40 @@ def test_no_generation_prompt(tok):
 
 def test_system_prompt_lands_in_system_turn(tok):
     msgs = [{"role": "system", "content": "Be brief."}] + HI
-    user_part = ([TURN] + enc(tok, "user") + [NL] + enc(tok, "hi") + [TURN_END, NL, TURN]
-                 + enc(tok, "model") + [NL])
+    user_part = [TURN] + enc(tok, "user") + [NL] + enc(tok, "hi") + [TURN_END, NL, TURN] + enc(tok, "model") + [NL]
     off = render(tok, msgs, enable_thinking=False)
-    assert off == ([BOS, TURN] + enc(tok, "system") + [NL] + enc(tok, "Be brief.")
-                   + [TURN_END, NL] + user_part + [CHANNEL] + enc(tok, "thought")
-                   + [NL, CHANNEL_END])
+    assert off == (
+        [BOS, TURN]
+        + enc(tok, "system")
+        + [NL]
+        + enc(tok, "Be brief.")
+        + [TURN_END, NL]
+        + user_part
+        + [CHANNEL]
+        + enc(tok, "thought")
+        + [NL, CHANNEL_END]
+    )
     on = render(tok, msgs, enable_thinking=True)
-    assert on == ([BOS, TURN] + enc(tok, "system") + [NL, THINK, NL] + enc(tok, "Be brief.")
-                  + [TURN_END, NL] + user_part)
+    assert on == (
+        [BOS, TURN] + enc(tok, "system") + [NL, THINK, NL] + enc(tok, "Be brief.") + [TURN_END, NL] + user_part
+    )
     assert on.count(TURN) == 3 and on.count(THINK) == 1
 
 
 def test_assistant_renders_as_model_and_drops_old_thoughts(tok):
     msgs = [
         {"role": "user", "content": "hi"},
-        {"role": "assistant",
-         "content": "<|channel>thought\nsecret plan<channel|>Hello! How are you?"},
+        {"role": "assistant", "content": "<|channel>thought\nsecret plan<channel|>Hello! How are you?"},
         {"role": "user", "content": "fine"},
     ]
     text = render_text(tok, msgs, enable_thinking=True)
-    assert text == ("<bos><|turn>system\n<|think|>\n<turn|>\n"
-                    "<|turn>user\nhi<turn|>\n"
-                    "<|turn>model\nHello! How are you?<turn|>\n"
-                    "<|turn>user\nfine<turn|>\n"
-                    "<|turn>model\n")
+    assert text == (
+        "<bos><|turn>system\n<|think|>\n<turn|>\n"
+        "<|turn>user\nhi<turn|>\n"
+        "<|turn>model\nHello! How are you?<turn|>\n"
+        "<|turn>user\nfine<turn|>\n"
+        "<|turn>model\n"
+    )
     ids = render(tok, msgs, enable_thinking=True)
     assert ids == tok.encode(text)
     assert CHANNEL not in ids and ids.count(TURN) == 5
@@ -176,16 +206,20 @@ WEATHER_TOOL = {
         },
     },
 }
-DECLARATION = ('<|tool>declaration:get_weather{description:<|"|>Gets the weather<|"|>,'
-               'parameters:{properties:{location:{description:<|"|>City<|"|>,'
-               'type:<|"|>STRING<|"|>}},required:[<|"|>location<|"|>],'
-               'type:<|"|>OBJECT<|"|>}}<tool|>')
+DECLARATION = (
+    '<|tool>declaration:get_weather{description:<|"|>Gets the weather<|"|>,'
+    'parameters:{properties:{location:{description:<|"|>City<|"|>,'
+    'type:<|"|>STRING<|"|>}},required:[<|"|>location<|"|>],'
+    'type:<|"|>OBJECT<|"|>}}<tool|>'
+)
 
 
 def test_tools_declared_in_system_turn(tok):
     text = render_text(tok, HI, tools=[WEATHER_TOOL], enable_thinking=False)
-    assert text == ("<bos><|turn>system\n" + DECLARATION + "<turn|>\n<|turn>user\nhi<turn|>\n"
-                    "<|turn>model\n<|channel>thought\n<channel|>")
+    assert text == (
+        "<bos><|turn>system\n" + DECLARATION + "<turn|>\n<|turn>user\nhi<turn|>\n"
+        "<|turn>model\n<|channel>thought\n<channel|>"
+    )
     msgs = [{"role": "system", "content": "Be brief."}] + HI
     text = render_text(tok, msgs, tools=[WEATHER_TOOL], enable_thinking=True)
     assert text.startswith("<bos><|turn>system\n<|think|>\nBe brief." + DECLARATION + "<turn|>\n")
@@ -195,17 +229,18 @@ def test_tools_declared_in_system_turn(tok):
 
 
 def test_tool_call_and_response_render_with_markers(tok):
-    call = {"type": "function",
-            "function": {"name": "get_weather", "arguments": {"location": "Paris", "days": 2}}}
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": {"location": "Paris", "days": 2}}}
     msgs = [
         {"role": "user", "content": "Weather in Paris?"},
         {"role": "assistant", "content": "", "tool_calls": [call]},
         {"role": "tool", "content": "15 C"},
     ]
     text = render_text(tok, msgs, tools=[WEATHER_TOOL])
-    tail = ("<|turn>user\nWeather in Paris?<turn|>\n<|turn>model\n"
-            '<|tool_call>call:get_weather{days:2,location:<|"|>Paris<|"|>}<tool_call|>'
-            '<|tool_response>response:get_weather{value:<|"|>15 C<|"|>}<tool_response|>')
+    tail = (
+        "<|turn>user\nWeather in Paris?<turn|>\n<|turn>model\n"
+        '<|tool_call>call:get_weather{days:2,location:<|"|>Paris<|"|>}<tool_call|>'
+        '<|tool_response>response:get_weather{value:<|"|>15 C<|"|>}<tool_response|>'
+    )
     # The tool exchange stays inside the model turn, which the model goes on with.
     assert text.endswith(tail)
     ids = render(tok, msgs, tools=[WEATHER_TOOL])
@@ -214,20 +249,19 @@ def test_tool_call_and_response_render_with_markers(tok):
     assert ids.count(QUOTE) == 2 * (2 + 5)  # Paris, 15 C, and 5 strings in the declaration
     # mlx-lm's Gemma 4 tool parser reads back what the template wrote.
     start = text.index("<|tool_call>") + len("<|tool_call>")
-    body = text[start:text.index("<tool_call|>")]
+    body = text[start : text.index("<tool_call|>")]
     assert tok.tool_call_start == "<|tool_call>" and tok.tool_call_end == "<tool_call|>"
-    assert tok.tool_parser(body) == {"name": "get_weather",
-                                     "arguments": {"days": 2, "location": "Paris"}}
+    assert tok.tool_parser(body) == {"name": "get_weather", "arguments": {"days": 2, "location": "Paris"}}
 
     # A structured result, the model's final answer, then a new user turn.
-    msgs[2] = {"role": "tool", "name": "get_weather",
-               "content": {"temperature": 15, "unit": "celsius", "sunny": True}}
-    msgs += [{"role": "assistant", "content": "It is 15 C."},
-             {"role": "user", "content": "Thanks"}]
+    msgs[2] = {"role": "tool", "name": "get_weather", "content": {"temperature": 15, "unit": "celsius", "sunny": True}}
+    msgs += [{"role": "assistant", "content": "It is 15 C."}, {"role": "user", "content": "Thanks"}]
     text = render_text(tok, msgs, enable_thinking=False)
-    assert ('<|tool_response>response:get_weather{sunny:true,temperature:15,'
-            'unit:<|"|>celsius<|"|>}<tool_response|>It is 15 C.<turn|>\n'
-            "<|turn>user\nThanks<turn|>\n<|turn>model\n<|channel>thought\n<channel|>") in text
+    assert (
+        "<|tool_response>response:get_weather{sunny:true,temperature:15,"
+        'unit:<|"|>celsius<|"|>}<tool_response|>It is 15 C.<turn|>\n'
+        "<|turn>user\nThanks<turn|>\n<|turn>model\n<|channel>thought\n<channel|>"
+    ) in text
     assert text.count("<|turn>model\n") == 2
 
 
@@ -257,12 +291,39 @@ def stream(tok, ids):
 
 
 TEXTS = [
-    "The quick brown fox", " jumps  over", "héllo", "wörld ", "世界", "🙂", "👩‍💻 code",
-    "naïve café", "def f(x):\n    return x", "  ", "\n\n", "Ελληνικά", "Portugal",
-    '{"a": 1}', "→ ∑",
+    "The quick brown fox",
+    " jumps  over",
+    "héllo",
+    "wörld ",
+    "世界",
+    "🙂",
+    "👩‍💻 code",
+    "naïve café",
+    "def f(x):\n    return x",
+    "  ",
+    "\n\n",
+    "Ελληνικά",
+    "Portugal",
+    '{"a": 1}',
+    "→ ∑",
 ]
-MARKERS = [TOOL, TOOL_END, TOOL_CALL, TOOL_CALL_END, TOOL_RESPONSE, TOOL_RESPONSE_END,
-           QUOTE, THINK, CHANNEL, CHANNEL_END, TURN, TURN_END, EOS, BOS, PAD]
+MARKERS = [
+    TOOL,
+    TOOL_END,
+    TOOL_CALL,
+    TOOL_CALL_END,
+    TOOL_RESPONSE,
+    TOOL_RESPONSE_END,
+    QUOTE,
+    THINK,
+    CHANNEL,
+    CHANNEL_END,
+    TURN,
+    TURN_END,
+    EOS,
+    BOS,
+    PAD,
+]
 
 
 def test_detokenizer_is_exact_and_keeps_markers(tok):
@@ -304,8 +365,10 @@ def test_detokenizer_holds_incomplete_characters(tok):
 
 
 def test_tool_call_and_thought_survive_streaming(tok):
-    raw = ('<|channel>thought\nNeed the weather.<channel|>'
-           '<|tool_call>call:get_weather{location:<|"|>Paris<|"|>}<tool_call|><turn|>')
+    raw = (
+        "<|channel>thought\nNeed the weather.<channel|>"
+        '<|tool_call>call:get_weather{location:<|"|>Paris<|"|>}<tool_call|><turn|>'
+    )
     ids = tok.encode(raw)
     assert TOOL_CALL in ids and CHANNEL in ids and TURN_END in ids
     text, _ = stream(tok, ids)
@@ -351,10 +414,12 @@ def enc_any(tok, text):
         ("Hi<eos>", None, "Hi"),
         # The prompt opened the channel: only its end is in the generated text.
         ("hidden reasoning<channel|>Answer", "hidden reasoning", "Answer"),
-        ("<|channel>thought\nA<channel|><|tool_call>call:f{}<tool_call|>"
-         "<|channel>thought\nB<channel|>Done", "A\nB", "<|tool_call>call:f{}<tool_call|>Done"),
-        ("<|channel>thought\nplan<channel|>\n\nThe answer is 4.\n<turn|>", "plan",
-         "The answer is 4."),
+        (
+            "<|channel>thought\nA<channel|><|tool_call>call:f{}<tool_call|><|channel>thought\nB<channel|>Done",
+            "A\nB",
+            "<|tool_call>call:f{}<tool_call|>Done",
+        ),
+        ("<|channel>thought\nplan<channel|>\n\nThe answer is 4.\n<turn|>", "plan", "The answer is 4."),
     ],
 )
 def test_split_thinking(text, thought, answer):

@@ -98,8 +98,13 @@ properties required type string number integer boolean object array value
 
 
 def _special_map() -> dict:
-    return {"bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>",
-            "pad_token": "<pad>", "mask_token": "<mask>"}
+    return {
+        "bos_token": "<bos>",
+        "eos_token": "<eos>",
+        "unk_token": "<unk>",
+        "pad_token": "<pad>",
+        "mask_token": "<mask>",
+    }
 
 
 def _low_id_token(i: int) -> str:
@@ -111,20 +116,23 @@ def _low_id_token(i: int) -> str:
 @functools.lru_cache(maxsize=1)
 def _build_tokenizer_json() -> str:
     """Train the BPE once per process and return the serialized tokenizer.json."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
-    from tokenizers import pre_tokenizers, trainers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     # Train with "\n" and word starts as hard boundaries, so no learned merge contains
     # "\n" (Gemma's newline is always its own token) and pieces look like "▁word".
     trainer_tok = Tokenizer(models.BPE())
     trainer_tok.normalizer = normalizers.Replace(" ", "▁")
-    trainer_tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split("\n", behavior="isolated"),
-        pre_tokenizers.Split(Regex("▁"), behavior="merged_with_next"),
-    ])
+    trainer_tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split("\n", behavior="isolated"),
+            pre_tokenizers.Split(Regex("▁"), behavior="merged_with_next"),
+        ]
+    )
     n_fixed = FIRST_BYTE_ID + 256
     trainer = trainers.BpeTrainer(
-        vocab_size=TARGET_VOCAB_SIZE - n_fixed, show_progress=False, min_frequency=2,
+        vocab_size=TARGET_VOCAB_SIZE - n_fixed,
+        show_progress=False,
+        min_frequency=2,
     )
     trainer_tok.train_from_iterator(_CORPUS.splitlines(keepends=True), trainer=trainer)
     trained = json.loads(trainer_tok.to_str())["model"]
@@ -140,18 +148,14 @@ def _build_tokenizer_json() -> str:
     assert sorted(vocab.values()) == list(range(len(vocab)))
 
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>",
-                               fuse_unk=True, byte_fallback=True))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
     # Gemma's pipeline: spaces become "▁", no real pre-splitting, SPM-style decoder.
     tok.normalizer = normalizers.Replace(" ", "▁")
     tok.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
-    tok.decoder = decoders.Sequence(
-        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.add_special_tokens(
+        [AddedToken(_low_id_token(i), special=True, normalized=False) for i in range(FIRST_BYTE_ID) if i != NEWLINE_ID]
     )
-    tok.add_special_tokens([
-        AddedToken(_low_id_token(i), special=True, normalized=False)
-        for i in range(FIRST_BYTE_ID) if i != NEWLINE_ID
-    ])
     for i in range(FIRST_BYTE_ID):
         assert tok.token_to_id(_low_id_token(i)) == i
     return tok.to_str()
@@ -253,9 +257,16 @@ def _write(dirpath: Path, tokenizer_json: str) -> None:
     dirpath.mkdir(parents=True, exist_ok=True)
     (dirpath / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
     added = {
-        str(i): {"content": _low_id_token(i), "lstrip": False, "rstrip": False,
-                 "normalized": False, "single_word": False, "special": True}
-        for i in range(FIRST_BYTE_ID) if i != NEWLINE_ID
+        str(i): {
+            "content": _low_id_token(i),
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "single_word": False,
+            "special": True,
+        }
+        for i in range(FIRST_BYTE_ID)
+        if i != NEWLINE_ID
     }
     config = {
         "tokenizer_class": "GemmaTokenizer",
@@ -268,8 +279,7 @@ def _write(dirpath: Path, tokenizer_json: str) -> None:
         **_special_map(),
     }
     (dirpath / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-    (dirpath / "special_tokens_map.json").write_text(json.dumps(_special_map(), indent=2),
-                                                    encoding="utf-8")
+    (dirpath / "special_tokens_map.json").write_text(json.dumps(_special_map(), indent=2), encoding="utf-8")
     # transformers 5 reads (and writes) the template as chat_template.jinja beside the
     # tokenizer files; mlx-lm gets it through transformers.
     (dirpath / "chat_template.jinja").write_text(CHAT_TEMPLATE.strip() + "\n", encoding="utf-8")

@@ -141,6 +141,7 @@ PRESETS = {
     ),
 }
 
+
 @dataclass
 class Options:
     preset: str = "tiny"
@@ -168,9 +169,7 @@ def _cpu_name() -> str:
         import subprocess
 
         try:
-            return subprocess.check_output(
-                ["sysctl", "-n", "machdep.cpu.brand_string"], text=True
-            ).strip()
+            return subprocess.check_output(["sysctl", "-n", "machdep.cpu.brand_string"], text=True).strip()
         except (OSError, subprocess.CalledProcessError):
             return platform.processor()
     try:
@@ -204,8 +203,9 @@ def _blas() -> str:
         maps = Path("/proc/self/maps").read_text().splitlines()
     except OSError:
         maps = []
-    behind = sorted({Path(line.split()[-1]).name for line in maps
-                     if line.split()[-1].startswith(directory) and "openblas" in line})
+    behind = sorted(
+        {Path(line.split()[-1]).name for line in maps if line.split()[-1].startswith(directory) and "openblas" in line}
+    )
     return f"preloaded {preloaded[0]}" + (f" ({', '.join(behind)})" if behind else "")
 
 
@@ -435,7 +435,8 @@ def _run(options: Options, checkpoint: Optional[Path]) -> dict:
             prompt_tokens=options.prompt_tokens,
             max_tokens=options.max_tokens,
             batch_size=options.batch_size,
-            mode=f"{options.fixed_steps} fixed steps (stopping and EOS off)" if options.fixed_steps
+            mode=f"{options.fixed_steps} fixed steps (stopping and EOS off)"
+            if options.fixed_steps
             else "checkpoint sampler (adaptive stopping)",
             sampler={k: v for k, v in asdict(params).items() if k != "eos_token_id"},
             seed=options.seed,
@@ -496,9 +497,15 @@ def _load_warning(machine: dict) -> List[str]:
     start, end = machine.get("load_average_start"), machine.get("load_average_end")
     if start is None:
         return []
-    line = f"Load average (1 min): {start:.2f} before the run, {_fmt(end, '.2f')} after it (the run itself adds up to {machine['cores']})"
+    line = (
+        f"Load average (1 min): {start:.2f} before the run, {_fmt(end, '.2f')} after it "
+        f"(the run itself adds up to {machine['cores']})"
+    )
     if start > 0.5:
-        line += "; the machine was busy in the minute before (an earlier run, or other processes, which would inflate these timings)"
+        line += (
+            "; the machine was busy in the minute before (an earlier run, or other processes, "
+            "which would inflate these timings)"
+        )
     return [line]
 
 
@@ -515,34 +522,62 @@ def format_report(result: dict) -> str:
         "",
         "Generation",
     ]
-    lines += _rows([
-        ["prompt encode", f"{_fmt(g['prompt_tps'], '.1f')} tok/s", f"({_fmt(g['prompt_time_s'], '.3f')} s)"],
-        ["denoising step (median)", f"{_fmt(g['step_time_s'], '.3f')} s", f"({len(g['step_times_s'])} steps timed)"],
-        ["denoising steps per canvas", _fmt(g["steps_per_canvas"], ".1f"), f"({g['denoising_steps']} steps, {g['canvases']} canvas{'es' if g['canvases'] != 1 else ''})"],
-        ["tokens per forward", _fmt(g["tokens_per_forward"], ".2f"), ""],
-        ["committed tokens/s", _fmt(g["generation_tps"], ".2f"), f"({g['generation_tokens']} tokens; {_fmt(g['end_to_end_tps'], '.2f')} end to end)"],
-        ["canvas positions/s", _fmt(g["canvas_positions_per_s"], ".1f"), "(batch x canvas / step time)"],
-        ["peak memory", _fmt_bytes(g["peak_memory_gb"]), ""],
-    ])
+    lines += _rows(
+        [
+            ["prompt encode", f"{_fmt(g['prompt_tps'], '.1f')} tok/s", f"({_fmt(g['prompt_time_s'], '.3f')} s)"],
+            [
+                "denoising step (median)",
+                f"{_fmt(g['step_time_s'], '.3f')} s",
+                f"({len(g['step_times_s'])} steps timed)",
+            ],
+            [
+                "denoising steps per canvas",
+                _fmt(g["steps_per_canvas"], ".1f"),
+                f"({g['denoising_steps']} steps, {g['canvases']} canvas{'es' if g['canvases'] != 1 else ''})",
+            ],
+            ["tokens per forward", _fmt(g["tokens_per_forward"], ".2f"), ""],
+            [
+                "committed tokens/s",
+                _fmt(g["generation_tps"], ".2f"),
+                f"({g['generation_tokens']} tokens; {_fmt(g['end_to_end_tps'], '.2f')} end to end)",
+            ],
+            ["canvas positions/s", _fmt(g["canvas_positions_per_s"], ".1f"), "(batch x canvas / step time)"],
+            ["peak memory", _fmt_bytes(g["peak_memory_gb"]), ""],
+        ]
+    )
 
     b = result.get("breakdown")
     if b:
-        lines += ["", f"One denoising step, by part (median of {b['repeats']}; cache {b['cache_length']} tokens; "
-                      f"self-conditioning from {b['self_conditioning_from']})"]
+        lines += [
+            "",
+            f"One denoising step, by part (median of {b['repeats']}; cache {b['cache_length']} tokens; "
+            f"self-conditioning from {b['self_conditioning_from']})",
+        ]
         rows = [["part", "ms", "share", "GFLOP", "GFLOP/s", "matmul floor ms", "x floor"]]
         for name in COMPONENTS + ("remainder",):
             c = b["components"][name]
-            rows.append([
-                COMPONENT_NAMES[name],
-                _fmt(c["time_s"] and c["time_s"] * 1e3, ".1f"),
-                _fmt(c["share"] and c["share"] * 100, ".1f", "%"),
-                _fmt(c["gflop"] or None, ".2f"),
-                _fmt(c["gflops_per_s"], ".1f"),
-                _fmt(c["floor_s"] * 1e3 if c["floor_s"] else None, ".1f"),
-                _fmt(c["over_floor"], ".1f"),
-            ])
-        rows.append(["whole step", _fmt(b["step_time_s"] * 1e3, ".1f"), "100%", _fmt(b["gflop"], ".2f"),
-                     _fmt(b["gflops_per_s"], ".1f"), _fmt(b["matmul_floor_s"] * 1e3, ".1f"), _fmt(b["step_over_floor"], ".1f")])
+            rows.append(
+                [
+                    COMPONENT_NAMES[name],
+                    _fmt(c["time_s"] and c["time_s"] * 1e3, ".1f"),
+                    _fmt(c["share"] and c["share"] * 100, ".1f", "%"),
+                    _fmt(c["gflop"] or None, ".2f"),
+                    _fmt(c["gflops_per_s"], ".1f"),
+                    _fmt(c["floor_s"] * 1e3 if c["floor_s"] else None, ".1f"),
+                    _fmt(c["over_floor"], ".1f"),
+                ]
+            )
+        rows.append(
+            [
+                "whole step",
+                _fmt(b["step_time_s"] * 1e3, ".1f"),
+                "100%",
+                _fmt(b["gflop"], ".2f"),
+                _fmt(b["gflops_per_s"], ".1f"),
+                _fmt(b["matmul_floor_s"] * 1e3, ".1f"),
+                _fmt(b["step_over_floor"], ".1f"),
+            ]
+        )
         lines += _rows(rows)
         if b["not_called"]:
             lines.append(f"  (not called as a submodule, so not timed: {', '.join(b['not_called'])})")
@@ -551,29 +586,56 @@ def format_report(result: dict) -> str:
     if comparisons:
         lines += ["", "Comparison (same weights, prompt and step count; 'x' = how many times faster mlx_diffgemma is)"]
         rows = [["implementation", "step s", "x", "prompt tok/s", "x", "end-to-end tok/s", "x"]]
-        rows.append(["mlx_diffgemma", _fmt(g["step_time_s"], ".3f"), "", _fmt(g["prompt_tps"], ".1f"), "",
-                     _fmt(g["end_to_end_tps"], ".2f"), ""])
+        rows.append(
+            [
+                "mlx_diffgemma",
+                _fmt(g["step_time_s"], ".3f"),
+                "",
+                _fmt(g["prompt_tps"], ".1f"),
+                "",
+                _fmt(g["end_to_end_tps"], ".2f"),
+                "",
+            ]
+        )
         for key in ("transformers", "mlx-vlm"):
             c = comparisons.get(key)
             if c:
-                rows.append([c["implementation"], _fmt(c["step_time_s"], ".3f"), _fmt(c["ours_faster_step"], ".2f"),
-                             _fmt(c["prompt_tps"], ".1f"),
-                             _fmt(c.get("ours_faster_prompt"), ".2f"),
-                             _fmt(c["end_to_end_tps"], ".2f"), _fmt(c["ours_faster_end_to_end"], ".2f")])
+                rows.append(
+                    [
+                        c["implementation"],
+                        _fmt(c["step_time_s"], ".3f"),
+                        _fmt(c["ours_faster_step"], ".2f"),
+                        _fmt(c["prompt_tps"], ".1f"),
+                        _fmt(c.get("ours_faster_prompt"), ".2f"),
+                        _fmt(c["end_to_end_tps"], ".2f"),
+                        _fmt(c["ours_faster_end_to_end"], ".2f"),
+                    ]
+                )
         lines += _rows(rows)
         ar = comparisons.get("ar")
         if ar:
             lines += ["", f"Autoregressive: {ar['implementation']}"]
-            lines += _rows([
-                ["time per token (one forward)", f"{_fmt(ar['token_time_s'], '.4f')} s", ""],
-                ["decode tokens/s", _fmt(ar["generation_tps"], ".2f"),
-                 f"(mlx_diffgemma {_fmt(g['generation_tps'], '.2f')}: x{_fmt(ar['ours_faster_generation'], '.2f')})"],
-                ["end-to-end tokens/s", _fmt(ar["end_to_end_tps"], ".2f"),
-                 f"(mlx_diffgemma {_fmt(g['end_to_end_tps'], '.2f')}: x{_fmt(ar['ours_faster_end_to_end'], '.2f')})"],
-                ["prompt tok/s", _fmt(ar["prompt_tps"], ".1f"), f"(x{_fmt(ar['ours_faster_prompt'], '.2f')})"],
-                ["break-even tokens per forward", _fmt(ar["break_even_tokens_per_forward"], ".1f"),
-                 f"(diffusion step / AR token time; we commit {_fmt(g['tokens_per_forward'], '.1f')})"],
-            ])
+            lines += _rows(
+                [
+                    ["time per token (one forward)", f"{_fmt(ar['token_time_s'], '.4f')} s", ""],
+                    [
+                        "decode tokens/s",
+                        _fmt(ar["generation_tps"], ".2f"),
+                        f"(mlx_diffgemma {_fmt(g['generation_tps'], '.2f')}: "
+                        f"x{_fmt(ar['ours_faster_generation'], '.2f')})",
+                    ],
+                    [
+                        "end-to-end tokens/s",
+                        _fmt(ar["end_to_end_tps"], ".2f"),
+                        f"(mlx_diffgemma {_fmt(g['end_to_end_tps'], '.2f')}: "
+                        f"x{_fmt(ar['ours_faster_end_to_end'], '.2f')})",
+                    ],
+                    ["prompt tok/s", _fmt(ar["prompt_tps"], ".1f"), f"(x{_fmt(ar['ours_faster_prompt'], '.2f')})"],
+                    [
+                        "break-even tokens per forward",
+                        _fmt(ar["break_even_tokens_per_forward"], ".1f"),
+                        f"(diffusion step / AR token time; we commit {_fmt(g['tokens_per_forward'], '.1f')})",
+                    ],
+                ]
+            )
     return "\n".join(lines)
-
-

@@ -16,12 +16,12 @@ from ..generate import (
     CanvasState,
     RowKeys,
     SamplerParams,
-    row_seeds,
-    uses_probs,
     denoise_step,
     encode_prompt,
     noise_canvas,
+    row_seeds,
     sample_step,
+    uses_probs,
 )
 from ..model import Model
 from .common import interleaved_medians
@@ -266,7 +266,9 @@ def run_breakdown(model: Model, prompts: List[List[int]], params: SamplerParams,
         step_time_s=step_time,
         cache_length=step.cache.offset,
         repeats=repeats,
-        self_conditioning_from="sampler probabilities" if uses_probs(model) else "processed logits (softmax counted here)",
+        self_conditioning_from="sampler probabilities"
+        if uses_probs(model)
+        else "processed logits (softmax counted here)",
         components=components,
         gflop=flops_total,
         gflops_per_s=flops_total / step_time,
@@ -274,5 +276,3 @@ def run_breakdown(model: Model, prompts: List[List[int]], params: SamplerParams,
         step_over_floor=step_time / floor_total if floor_total else None,
         not_called=[name for name in COMPONENTS if functions[name] is None],
     )
-
-

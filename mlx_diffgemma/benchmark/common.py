@@ -63,14 +63,8 @@ def step_intervals(marks: Sequence[Tuple[int, float]]) -> List[float]:
     A canvas' first step also pays for encoding the previous canvas (or the
     prompt) and has no self-conditioning, so it is left out.
     """
-    return [
-        t - t_prev
-        for (c_prev, t_prev), (c, t) in zip(marks, marks[1:])
-        if c == c_prev
-    ]
+    return [t - t_prev for (c_prev, t_prev), (c, t) in zip(marks, marks[1:]) if c == c_prev]
 
 
 def median(values: Sequence[float]) -> Optional[float]:
     return statistics.median(values) if values else None
-
-

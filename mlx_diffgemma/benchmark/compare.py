@@ -12,8 +12,8 @@ import math
 import os
 import tempfile
 import time
-from pathlib import Path
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx
@@ -88,10 +88,16 @@ def compare_transformers(path: Path, prompts, max_tokens: int, params: SamplerPa
 
     def generate(steps, new_tokens, clock=None):
         kwargs = dict(
-            max_new_tokens=new_tokens, max_denoising_steps=steps, t_min=params.t_min, t_max=params.t_max,
+            max_new_tokens=new_tokens,
+            max_denoising_steps=steps,
+            t_min=params.t_min,
+            t_max=params.t_max,
             sampler_config=EntropyBoundSamplerConfig(entropy_bound=params.entropy_bound),
-            confidence_threshold=NEVER_CONFIDENT, stability_threshold=params.stability_threshold,
-            eos_token_id=[vocab], pad_token_id=0, streamer=clock,
+            confidence_threshold=NEVER_CONFIDENT,
+            stability_threshold=params.stability_threshold,
+            eos_token_id=[vocab],
+            pad_token_id=0,
+            streamer=clock,
         )
         with torch.inference_mode():
             return model.generate(torch.tensor(prompts), **kwargs)
@@ -99,8 +105,10 @@ def compare_transformers(path: Path, prompts, max_tokens: int, params: SamplerPa
     C = model.config.canvas_length
     generate(1, C)  # warm-up
     clock = StepClock()
-    hooks = [model.model.encoder.register_forward_pre_hook(clock.encoder_starts),
-             model.model.encoder.register_forward_hook(clock.encoder_ends)]
+    hooks = [
+        model.model.encoder.register_forward_pre_hook(clock.encoder_starts),
+        model.model.encoder.register_forward_hook(clock.encoder_ends),
+    ]
     tic = time.perf_counter()
     out = generate(params.max_denoising_steps, max_tokens, clock)
     total = time.perf_counter() - tic
@@ -153,7 +161,9 @@ def _mlx_vlm_checkpoint(path: Path, into: Path) -> Path:
     return into
 
 
-def compare_mlx_vlm(path: Path, prompts, max_tokens: int, params: SamplerParams, dtype: Optional[mx.Dtype], ours: dict) -> dict:
+def compare_mlx_vlm(
+    path: Path, prompts, max_tokens: int, params: SamplerParams, dtype: Optional[mx.Dtype], ours: dict
+) -> dict:
     """mlx-vlm's DiffusionGemma, stepped through its model methods and sampler functions.
 
     Its own generate loop needs a tokenizer; this is that loop's entropy-bound
@@ -180,8 +190,13 @@ def compare_mlx_vlm(path: Path, prompts, max_tokens: int, params: SamplerParams,
         marks = []
         tic = time.perf_counter()
         cache = model.diffusion_prefill_cache(
-            ids, attention_mask=None, cache=model.make_cache(), pixel_values=None,
-            mm_token_type_ids=None, prefill_step_size=PREFILL_STEP, chunk_prefill=P > PREFILL_STEP,
+            ids,
+            attention_mask=None,
+            cache=model.make_cache(),
+            pixel_values=None,
+            mm_token_type_ids=None,
+            prefill_step_size=PREFILL_STEP,
+            chunk_prefill=P > PREFILL_STEP,
         )
         mx.eval([c.state for c in cache])
         prompt_time = time.perf_counter() - tic
@@ -195,7 +210,9 @@ def compare_mlx_vlm(path: Path, prompts, max_tokens: int, params: SamplerParams,
             masks = model.diffusion_decoder_masks(canvas, cache, None)
             signal, history = None, []
             for step in range(steps, 0, -1):
-                logits = model.diffusion_decoder_logits(canvas, cache=cache, self_conditioning=signal, decoder_attention_mask=masks)
+                logits = model.diffusion_decoder_logits(
+                    canvas, cache=cache, self_conditioning=signal, decoder_attention_mask=masks
+                )
                 processed = logits / vlm._diffusion_linear_temperature(step, steps, schedule)
                 argmax = mx.argmax(processed, axis=-1).astype(mx.int32)
                 if step == 1:  # mlx-vlm's last step only takes the argmax
@@ -243,14 +260,19 @@ def compare_mlx_vlm(path: Path, prompts, max_tokens: int, params: SamplerParams,
     return _with_ratios(result, ours)
 
 
-def compare_autoregressive(config: dict, prompts, max_tokens: int, dtype: Optional[mx.Dtype], seed: int, ours: dict) -> dict:
+def compare_autoregressive(
+    config: dict, prompts, max_tokens: int, dtype: Optional[mx.Dtype], seed: int, ours: dict
+) -> dict:
     """Gemma 4 MoE with the same widths decoding one token per forward through mlx-lm."""
     if len(prompts) != 1:
         raise ValueError("--compare ar runs batch size 1 only")
     text = global_attention_fields(config["text_config"])
     text.update(
-        model_type="gemma4_text", enable_moe_block=True, attention_k_eq_v=True,
-        num_kv_shared_layers=0, hidden_size_per_layer_input=0,
+        model_type="gemma4_text",
+        enable_moe_block=True,
+        attention_k_eq_v=True,
+        num_kv_shared_layers=0,
+        hidden_size_per_layer_input=0,
     )
     mx.random.seed(seed)
     model = gemma4_text.Model(gemma4_text.ModelArgs.from_dict(text))
@@ -298,5 +320,3 @@ def compare_autoregressive(config: dict, prompts, max_tokens: int, dtype: Option
     gc.collect()
     mx.clear_cache()
     return result
-
-

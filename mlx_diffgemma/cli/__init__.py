@@ -37,7 +37,9 @@ def _number(kind, minimum, inclusive=True):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
+            ) from None
         if value < minimum or (value == minimum and not inclusive):
             relation = ">=" if inclusive else ">"
             raise argparse.ArgumentTypeError(f"must be {relation} {minimum:g} (got {text})")
@@ -56,9 +58,9 @@ def json_object(text: str) -> dict:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({e})")
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e})") from None
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("expected a JSON object, e.g. '{\"key\": \"value\"}'")
+        raise argparse.ArgumentTypeError('expected a JSON object, e.g. \'{"key": "value"}\'')
     return value
 
 
@@ -97,7 +99,9 @@ def _setting_flag(name: str):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
+            ) from None
         problem = setting_problem(name, value)
         if problem:
             raise argparse.ArgumentTypeError(problem)
@@ -185,9 +189,7 @@ def hub_weights_bytes(repo: str, revision: Optional[str] = None, api=None) -> Op
     except Exception:
         pass
     try:
-        cached = snapshot_download(
-            repo, revision=revision, allow_patterns=["*.safetensors"], local_files_only=True
-        )
+        cached = snapshot_download(repo, revision=revision, allow_patterns=["*.safetensors"], local_files_only=True)
     except Exception:
         return None
     return local_weights_bytes(Path(cached)) or None

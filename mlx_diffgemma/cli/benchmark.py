@@ -5,10 +5,10 @@ import os
 import tempfile
 from pathlib import Path
 
-from . import ArgumentParser, run
 from ..benchmark import PRESETS, Options, format_report, run_benchmark, validate
 from ..benchmark.compare import COMPARISONS
 from ..convert import RECIPES
+from . import ArgumentParser, run
 
 
 def setup_arg_parser() -> ArgumentParser:
@@ -17,25 +17,47 @@ def setup_arg_parser() -> ArgumentParser:
         description="Benchmark DiffusionGemma generation with MLX. On Linux, preload "
         "OpenBLAS for MLX's CPU backend: LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3",
     )
-    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
-                        help="random-weight model to build (default: tiny); ignored with --model")
+    parser.add_argument(
+        "--preset",
+        default="tiny",
+        choices=sorted(PRESETS),
+        help="random-weight model to build (default: tiny); ignored with --model",
+    )
     parser.add_argument("--model", default=None, help="checkpoint directory or Hub repo to load instead")
     parser.add_argument("--prompt-tokens", "-p", type=int, default=512, help="prompt length (default 512)")
     parser.add_argument("--max-tokens", "-g", type=int, default=256, help="tokens to generate (default 256)")
     parser.add_argument("--batch-size", "-b", type=int, default=1, help="prompts per batch (default 1)")
-    parser.add_argument("--fixed-steps", type=int, default=None, metavar="N",
-                        help="N denoising steps per canvas, adaptive stopping and EOS off "
-                        "(default: the checkpoint's sampler)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                        help="cast the weights (default: presets float32, checkpoints as stored)")
+    parser.add_argument(
+        "--fixed-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="N denoising steps per canvas, adaptive stopping and EOS off (default: the checkpoint's sampler)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default=None,
+        help="cast the weights (default: presets float32, checkpoints as stored)",
+    )
     parser.add_argument("--bits", type=int, default=None, help="quantize the weights to this many bits")
     parser.add_argument("--group-size", type=int, default=None, help="quantization group size")
-    parser.add_argument("--recipe", default=None, choices=tuple(RECIPES),
-                        help="which modules to quantize (mlx_diffgemma.convert's recipes)")
+    parser.add_argument(
+        "--recipe",
+        default=None,
+        choices=tuple(RECIPES),
+        help="which modules to quantize (mlx_diffgemma.convert's recipes)",
+    )
     parser.add_argument("--breakdown", action="store_true", help="time each part of a denoising step")
     parser.add_argument("--repeats", type=int, default=5, help="repeats per breakdown timing (default 5)")
-    parser.add_argument("--compare", nargs="+", action="extend", default=[], choices=COMPARISONS,
-                        help="also run transformers, mlx-vlm and/or autoregressive mlx-lm (needs --fixed-steps)")
+    parser.add_argument(
+        "--compare",
+        nargs="+",
+        action="extend",
+        default=[],
+        choices=COMPARISONS,
+        help="also run transformers, mlx-vlm and/or autoregressive mlx-lm (needs --fixed-steps)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts (default 0)")
     parser.add_argument("--format", choices=("table", "json"), default="table", help="what to print")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON here")

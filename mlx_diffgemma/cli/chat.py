@@ -6,7 +6,7 @@ from typing import Optional
 
 from .. import cli
 from ..chat import stream_chat
-from ..generate import SamplerParams, Progress, print_stats
+from ..generate import Progress, SamplerParams, print_stats
 from ..live import DIM
 from ..thinking import ThoughtFormatter, split_thinking
 
