@@ -33,6 +33,7 @@ from .model import Model
 from .shards import ShardError, ShardWriter, Slot, dtype_name, read_header, read_rows
 from .utils import (
     DEFAULT_MODEL,
+    MODES,
     LoadError,
     _quantize,
     _shard_files,
@@ -45,14 +46,6 @@ from .utils import (
 
 logger = logging.getLogger("mlx_diffgemma")
 
-# What MLX accepts per mode: bit widths, group sizes, and the defaults
-# (mlx.nn's and mlx-lm's) used when a flag is not given.
-MODES = {
-    "affine": dict(bits=(2, 3, 4, 5, 6, 8), group_sizes=(32, 64, 128), default_bits=4, default_group_size=64),
-    "mxfp4": dict(bits=(4,), group_sizes=(32,), default_bits=4, default_group_size=32),
-    "mxfp8": dict(bits=(8,), group_sizes=(32,), default_bits=8, default_group_size=32),
-    "nvfp4": dict(bits=(4,), group_sizes=(16,), default_bits=4, default_group_size=16),
-}
 DTYPES = ("float16", "bfloat16", "float32")
 _SHORT_DTYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 
@@ -273,7 +266,7 @@ def plan_conversion(
         except (LoadError, TypeError, ValueError) as e:
             raise ConvertError(f"config.json: bad quantization block ({e})") from e
     try:
-        check_weights(model, weights, origin)
+        check_weights(model, weights, origin, {name: slot.file for name, slot in slots.items()})
     except LoadError as e:
         raise ConvertError(str(e)) from e
 

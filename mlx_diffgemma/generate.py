@@ -284,6 +284,10 @@ class CanvasCommit:
     valid_tokens: List[int]  # tokens before the first EOS, plus the EOS: the reference's count
 
 
+class NonFiniteError(ValueError):
+    """The decoder's logits hold NaN or infinity: the checkpoint is broken."""
+
+
 class RowKeys:
     """One PRNG key chain per batch row, all on device."""
 
@@ -381,6 +385,12 @@ def generate_step(
             denoised = [not r for r in resting]
             new_stopped = state.stopped.tolist()  # the step's one wait for the device
             mean_entropy = mean_entropy.tolist()
+            if not all(math.isfinite(h) for h in mean_entropy):
+                # NaN logits give NaN entropies; read anyway, so the check is free.
+                raise NonFiniteError(
+                    f"{getattr(model, 'path', None) or 'the model'}: the model produced non-finite values "
+                    f"(canvas {canvas_index + 1}, step {N - step + 1}); its weights hold NaN or infinity"
+                )
             resting = [a or b for a, b in zip(resting, new_stopped)]
             confident = any(h < params.confidence_threshold for h, r in zip(mean_entropy, resting) if not r)
             yield DenoisingStep(
@@ -483,31 +493,47 @@ class GenerationResponse:
         return self._tokenizer.decode(self.draft_ids)
 
 
+PROMPT_TYPES = "a string, a list of token ids, or a list of those"
+
+
 def _as_batch(tokenizer, prompt, vocab_size: int) -> List[List[int]]:
     """A prompt (text or ids) or a list of prompts -> list of id lists."""
-
-    def ids(p):
+    if isinstance(prompt, mx.array):
+        prompt = prompt.tolist()
+    if isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and _all_ids(prompt)):
+        rows, batched = [prompt], False
+    elif isinstance(prompt, (list, tuple)):
+        rows, batched = list(prompt), True
+    else:
+        raise TypeError(f"prompt must be {PROMPT_TYPES} (got {type(prompt).__name__})")
+    if not rows:
+        raise ValueError("prompt is empty")
+    batch = []
+    for r, p in enumerate(rows):
+        name = f"prompt {r}" if batched else "prompt"
         if isinstance(p, str):
             if tokenizer is None:
-                raise ValueError("prompt is text but the model has no tokenizer; pass token ids")
-            return list(tokenizer.encode(p, add_special_tokens=False))
-        if isinstance(p, mx.array):
-            return [int(t) for t in p.reshape(-1).tolist()]
-        return [int(t) for t in p]
-
-    if isinstance(prompt, mx.array):
-        rows = [prompt.tolist()] if prompt.ndim == 1 else prompt.tolist()
-    elif isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt)):
-        rows = [prompt]
-    else:
-        rows = list(prompt)
-    batch = [ids(p) for p in rows]
-    if not batch or any(len(p) == 0 for p in batch):
-        raise ValueError("prompt is empty")
-    bad = [t for p in batch for t in p if not 0 <= t < vocab_size]
-    if bad:
-        raise ValueError(f"prompt holds token id {bad[0]} outside the vocabulary [0, {vocab_size})")
+                raise ValueError(f"{name} is text but the model has no tokenizer; pass token ids")
+            try:
+                p.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"{name} is not valid text: {e.reason} at character {e.start}") from None
+            ids = list(tokenizer.encode(p, add_special_tokens=False))
+        elif isinstance(p, (list, tuple)) and _all_ids(p):
+            ids = [int(t) for t in p]
+        else:
+            raise TypeError(f"{name} must be a string or a list of token ids (got {type(p).__name__})")
+        if not ids:
+            raise ValueError(f"{name} is empty")
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"{name} holds token id {bad[0]} outside the vocabulary [0, {vocab_size})")
+        batch.append(ids)
     return batch
+
+
+def _all_ids(values) -> bool:
+    return all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in values)
 
 
 def _initial_canvases(initial_canvas, batch: int, canvas_length: int, vocab: int):
@@ -541,16 +567,30 @@ def encode_prompt(model: Model, batch: List[List[int]], cache: PromptCache) -> i
     return length
 
 
+SEED_LIMIT = 2**64  # MLX's PRNG keys are 64-bit
+
+
+def check_seed(seed, name: str = "seed") -> int:
+    """``seed`` as an integer in [0, 2**64); TypeError or ValueError naming it."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"{name} must be an integer (got {seed!r})")
+    if not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"{name} must be in [0, 2**64) (got {seed})")
+    return int(seed)
+
+
 def row_seeds(seed, batch: int) -> List[int]:
-    """Row r draws from its own seed (seed + r), so a row gives in a batch what it gives alone."""
+    """Row r draws from its own seed (seed + r, wrapping at 2**64), so a row
+    gives in a batch what it gives alone. ``seed`` may list one seed per row."""
     if seed is None:
         seed = secrets.randbits(62)
-    if isinstance(seed, int):
-        return [seed + r for r in range(batch)]
-    seeds = [int(s) for s in seed]
-    if len(seeds) != batch:
-        raise ValueError(f"seed lists {len(seeds)} seeds for {batch} prompts")
-    return seeds
+    if isinstance(seed, (list, tuple)):
+        seeds = [check_seed(s, f"seed[{i}]") for i, s in enumerate(seed)]
+        if len(seeds) != batch:
+            raise ValueError(f"seed lists {len(seeds)} seeds for {batch} prompts")
+        return seeds
+    seed = check_seed(seed)
+    return [(seed + r) % SEED_LIMIT for r in range(batch)]
 
 
 def stream_generate(
@@ -581,9 +621,12 @@ def stream_generate(
     B, C, V = len(batch), model.canvas_length, model.args.vocab_size
     cache = prompt_cache if prompt_cache is not None else model.make_cache()
     context = cache.offset + max(len(p) for p in batch)
-    if context + C > model.args.max_position_embeddings:
+    # Every canvas max_tokens may need takes its C positions after the prompt.
+    needed = context + math.ceil(max_tokens / C) * C
+    if needed > model.args.max_position_embeddings:
         raise ValueError(
-            f"prompt is too long: {context} tokens plus a {C}-token canvas exceed the "
+            f"prompt is too long for max_tokens={max_tokens}: {context} prompt tokens plus "
+            f"{math.ceil(max_tokens / C)} canvas(es) of {C} need {needed} positions, more than the "
             f"model's context of {model.args.max_position_embeddings}"
         )
     first_canvas = _initial_canvases(initial_canvas, B, C, V)
@@ -715,11 +758,9 @@ def generate(
 
 
 def _is_batch(prompt) -> bool:
-    if isinstance(prompt, str):
-        return False
     if isinstance(prompt, mx.array):
         return prompt.ndim == 2
-    return not all(isinstance(t, int) for t in prompt)
+    return isinstance(prompt, (list, tuple)) and not _all_ids(prompt)
 
 
 if __name__ == "__main__":

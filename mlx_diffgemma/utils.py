@@ -20,6 +20,15 @@ logger = logging.getLogger("mlx_diffgemma")
 
 DEFAULT_MODEL = "google/diffusiongemma-26B-A4B-it"
 
+# What MLX accepts per quantization mode: bit widths, group sizes, and the
+# defaults (mlx.nn's and mlx-lm's) used when a setting is not given.
+MODES = {
+    "affine": dict(bits=(2, 3, 4, 5, 6, 8), group_sizes=(32, 64, 128), default_bits=4, default_group_size=64),
+    "mxfp4": dict(bits=(4,), group_sizes=(32,), default_bits=4, default_group_size=32),
+    "mxfp8": dict(bits=(8,), group_sizes=(32,), default_bits=8, default_group_size=32),
+    "nvfp4": dict(bits=(4,), group_sizes=(16,), default_bits=4, default_group_size=16),
+}
+
 _HUB_PATTERNS = [
     "*.json",
     "*.safetensors",
@@ -43,6 +52,10 @@ def get_model_path(path_or_repo: str, revision: Optional[str] = None) -> Path:
     if path.exists():
         if not path.is_dir():
             raise LoadError(f"{path}: not a model directory")
+        try:
+            next(path.iterdir(), None)
+        except OSError as e:
+            raise LoadError(f"{path}: cannot read the model directory ({e.strerror})") from None
         return path
     # Anything that does not exist and is not a Hub id is a bad path.
     if not is_hub_id(path_or_repo):
@@ -61,19 +74,26 @@ def load_config(model_path: Path) -> dict:
     config_file = model_path / "config.json"
     if not config_file.exists():
         raise LoadError(f"{config_file}: missing")
+    return read_json(config_file)
+
+
+def read_json(path: Path):
+    """A JSON file's contents, or LoadError naming the file."""
     try:
-        return json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise LoadError(f"{config_file}: not valid JSON ({e})") from e
+        return json.loads(path.read_text())
+    except OSError as e:
+        raise LoadError(f"{path}: cannot read ({e.strerror or e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LoadError(f"{path}: not valid JSON ({e})") from None
 
 
 def _shard_files(model_path: Path) -> list:
     index_file = model_path / "model.safetensors.index.json"
     if index_file.exists():
-        try:
-            weight_map = json.loads(index_file.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise LoadError(f"{index_file}: not a safetensors index ({e})") from e
+        index = read_json(index_file)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict):
+            raise LoadError(f"{index_file}: not a safetensors index (no weight_map)")
         shards = [model_path / name for name in sorted(set(weight_map.values()))]
         for shard in shards:
             if not shard.exists():
@@ -85,16 +105,19 @@ def _shard_files(model_path: Path) -> list:
     return shards
 
 
-def load_safetensors(model_path: Path) -> Dict[str, mx.array]:
-    """All tensors of a checkpoint, lazily (nothing is read before it is used)."""
-    weights = {}
+def load_safetensors(model_path: Path) -> Tuple[Dict[str, mx.array], Dict[str, Path]]:
+    """All tensors of a checkpoint, lazily (nothing is read before it is
+    used), and the shard each came from."""
+    weights, files = {}, {}
     for shard in _shard_files(model_path):
         try:
-            weights.update(mx.load(str(shard)))
+            tensors = mx.load(str(shard))
         except Exception as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise LoadError(f"{shard}: cannot read ({msg})") from e
-    return weights
+        weights.update(tensors)
+        files.update(dict.fromkeys(tensors, shard))
+    return weights, files
 
 
 _DECODER = "model.decoder."
@@ -152,7 +175,38 @@ def sanitize(weights: Dict[str, mx.array]) -> Tuple[Dict[str, mx.array], Dict[st
     return out, origin
 
 
-def stored_quantization(model: nn.Module, quantization: dict, weights: Dict[str, mx.array]) -> Dict[str, dict]:
+def check_quantization(quantization, source: str = "config.json"):
+    """The config's ``quantization`` block as MLX can use it, else LoadError
+    naming ``source`` and the entry: a dict of settings ("bits",
+    "group_size", "mode") and per-module entries (a dict of settings, or a
+    bool)."""
+    if not isinstance(quantization, dict):
+        raise LoadError(f"{source}: quantization must be an object (got {type(quantization).__name__})")
+
+    def settings(entry: dict, where: str):
+        mode = entry.get("mode", "affine")
+        if mode not in MODES:
+            raise LoadError(f"{source}: {where}mode {mode!r} is not one of {', '.join(MODES)}")
+        for key, allowed in (("bits", MODES[mode]["bits"]), ("group_size", MODES[mode]["group_sizes"])):
+            value = entry.get(key)
+            if value is not None and (isinstance(value, bool) or value not in allowed):
+                listed = ", ".join(map(str, allowed))
+                raise LoadError(f"{source}: {where}{key} {value!r} is not allowed in mode {mode} ({listed})")
+
+    settings({k: quantization[k] for k in ("bits", "group_size", "mode") if k in quantization}, "")
+    for path, entry in quantization.items():
+        if isinstance(entry, dict):
+            settings(entry, f"quantization of {path}: ")
+        elif isinstance(entry, (list, tuple)) or entry is None:
+            # Other scalars are metadata some converters add (e.g. quant_method).
+            raise LoadError(
+                f"{source}: quantization of {path} must be an object of settings or true/false (got {entry!r})"
+            )
+
+
+def stored_quantization(
+    model: nn.Module, quantization: dict, weights: Dict[str, mx.array], source: str = "config.json"
+) -> Dict[str, dict]:
     """The ``to_quantized`` arguments of each module the checkpoint stores quantized.
 
     As in mlx-lm, a module named in the ``quantization`` block takes that entry
@@ -160,6 +214,7 @@ def stored_quantization(model: nn.Module, quantization: dict, weights: Dict[str,
     get theirs from the tensors' shapes. Entries may use the names of any layout
     ``rename`` reads (mlx-vlm writes ``model.decoder.layers.0.experts.gate_up_proj``).
     """
+    check_quantization(quantization, source)
     overrides = {}
     for path, entry in quantization.items():
         if isinstance(entry, (dict, bool)):
@@ -182,22 +237,38 @@ def stored_quantization(model: nn.Module, quantization: dict, weights: Dict[str,
     return params
 
 
-def _quantize(model: Model, quantization: dict, weights: Dict[str, mx.array]) -> Dict[str, dict]:
+def _quantize(
+    model: Model, quantization: dict, weights: Dict[str, mx.array], source: str = "config.json"
+) -> Dict[str, dict]:
     """Quantize the modules a converted checkpoint stores quantized (mlx-lm's format)."""
-    params = stored_quantization(model, quantization, weights)
+    params = stored_quantization(model, quantization, weights, str(source))
     nn.quantize(model, class_predicate=lambda path, _: params.get(path, False))
     return params
 
 
-def check_weights(model: Model, weights: Dict[str, mx.array], origin: Dict[str, str]):
-    """Every parameter present with its shape, and nothing unknown."""
+def check_weights(
+    model: Model, weights: Dict[str, mx.array], origin: Dict[str, str], files: Optional[Dict[str, Path]] = None
+):
+    """Every parameter present with its shape and kind of dtype, and nothing unknown.
+
+    ``origin`` maps our names to the checkpoint's, ``files`` the checkpoint's
+    names to their shard, for the messages.
+    """
     expected = dict(tree_flatten(model.parameters()))
     for name, value in weights.items():
+        source = origin.get(name, name)
+        where = f"{files[source]}: " if files and source in files else ""
         if name not in expected:
-            raise LoadError(f"unexpected tensor {origin.get(name, name)} in checkpoint")
-        if tuple(value.shape) != tuple(expected[name].shape):
+            raise LoadError(f"{where}unexpected tensor {source} in checkpoint")
+        want = expected[name]
+        if tuple(value.shape) != tuple(want.shape):
+            raise LoadError(f"{where}tensor {source} has shape {list(value.shape)}, expected {list(want.shape)}")
+        # Floats where the model has floats; integers only where it packs
+        # quantized weights (uint32).
+        if mx.issubdtype(value.dtype, mx.floating) != mx.issubdtype(want.dtype, mx.floating):
+            kind = "floating-point" if mx.issubdtype(want.dtype, mx.floating) else str(want.dtype).split(".")[-1]
             raise LoadError(
-                f"tensor {origin.get(name, name)} has shape {list(value.shape)}, expected {list(expected[name].shape)}"
+                f"{where}tensor {source} has dtype {str(value.dtype).split('.')[-1]}, expected {kind} values"
             )
     missing = [k for k in expected if k not in weights]
     if missing:
@@ -211,11 +282,12 @@ def load_model(model_path: Path, lazy: bool = False) -> Model:
         args = ModelArgs.from_dict(config, source=str(model_path / "config.json"))
     except ConfigError as e:
         raise LoadError(str(e)) from e
-    weights, origin = sanitize(load_safetensors(model_path))
+    tensors, files = load_safetensors(model_path)
+    weights, origin = sanitize(tensors)
     model = Model(args)
     if "quantization" in config:
-        _quantize(model, config["quantization"], weights)
-    check_weights(model, weights, origin)
+        _quantize(model, config["quantization"], weights, model_path / "config.json")
+    check_weights(model, weights, origin, files)
     model.load_weights(list(weights.items()), strict=True)
     cpu_experts.upcast_experts(model)
     if not lazy:
@@ -225,6 +297,7 @@ def load_model(model_path: Path, lazy: bool = False) -> Model:
             raise LoadError(f"{model_path}: cannot read weights ({str(e).splitlines()[0]})") from e
     model.eval()
     model.generation_config = _load_generation_config(model_path)
+    model.path = str(model_path)  # named by errors about what the weights produce
     return model
 
 
@@ -232,10 +305,10 @@ def _load_generation_config(model_path: Path) -> dict:
     path = model_path / "generation_config.json"
     if not path.exists():
         return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise LoadError(f"{path}: not valid JSON ({e})") from e
+    config = read_json(path)
+    if not isinstance(config, dict):
+        raise LoadError(f"{path}: expected a JSON object")
+    return config
 
 
 def load(path_or_repo: str = DEFAULT_MODEL, revision: Optional[str] = None, lazy: bool = False):
@@ -246,5 +319,8 @@ def load(path_or_repo: str = DEFAULT_MODEL, revision: Optional[str] = None, lazy
     model_path = get_model_path(path_or_repo, revision)
     model = load_model(model_path, lazy=lazy)
     eos = model.generation_config.get("eos_token_id", model.args.eos_token_id)
-    tokenizer = load_tokenizer(model_path, eos_token_ids=eos if isinstance(eos, list) else [eos])
+    try:
+        tokenizer = load_tokenizer(model_path, eos_token_ids=eos if isinstance(eos, list) else [eos])
+    except OSError as e:
+        raise LoadError(f"{e.filename or model_path}: cannot read ({e.strerror or e})") from None
     return model, tokenizer

@@ -16,7 +16,7 @@ from typing import Callable, Dict, Optional
 
 import mlx.core as mx
 
-from ..generate import SAMPLER_SETTINGS, SETTING_INFO, setting_problem
+from ..generate import SAMPLER_SETTINGS, SETTING_INFO, check_seed, setting_problem
 from ..live import LiveView, PlainView
 from ..utils import DEFAULT_MODEL, LoadError, is_hub_id, load
 
@@ -54,6 +54,22 @@ non_negative_float = _number(float, 0.0)
 positive_float = _number(float, 0.0, inclusive=False)
 
 
+def seed(text: str) -> int:
+    """An argparse type for --seed, checked as the library checks a seed."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    try:
+        return check_seed(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("seed ")) from None
+
+
+def add_seed_argument(parser: argparse.ArgumentParser, help: str):
+    parser.add_argument("--seed", type=seed, metavar="N", help=help)
+
+
 def json_object(text: str) -> dict:
     try:
         value = json.loads(text)
@@ -82,12 +98,31 @@ def add_model_arguments(parser: argparse.ArgumentParser):
     )
 
 
+# Arguments of apply_chat_template that the commands set themselves.
+TEMPLATE_ARGUMENTS = (
+    "conversation",
+    "messages",
+    "add_generation_prompt",
+    "tokenize",
+    "tools",
+    "continue_final_message",
+)
+
+
+def template_config(text: str) -> dict:
+    value = json_object(text)
+    taken = [key for key in value if key in TEMPLATE_ARGUMENTS]
+    if taken:
+        raise argparse.ArgumentTypeError(f"{taken[0]!r} is set by the command itself; leave it out")
+    return value
+
+
 def add_chat_template_argument(parser: argparse.ArgumentParser):
     parser.add_argument(
         "--chat-template-config",
-        type=json_object,
+        type=template_config,
         metavar="JSON",
-        help="Extra arguments for the chat template, as a JSON object.",
+        help="Extra arguments for the chat template, as a JSON object (e.g. '{\"enable_thinking\": true}').",
     )
 
 
@@ -138,7 +173,7 @@ def add_output_arguments(parser: argparse.ArgumentParser):
         type=str2bool,
         nargs="?",
         const=True,
-        metavar="BOOL",
+        metavar="true|false",
         default=False,
         help="Print prompt and generation speed, canvases, steps and peak memory.",
     )
@@ -154,6 +189,29 @@ def make_view(args):
 def sampler_params(args) -> Dict[str, object]:
     """The sampler flags the user set (unset ones are left to the checkpoint)."""
     return {name: getattr(args, name) for name in SAMPLER_SETTINGS if getattr(args, name) is not None}
+
+
+# -- Standard input -------------------------------------------------------------
+
+
+def stdin():
+    """Standard input, or ValueError when it is closed (``0<&-``).
+
+    Undecodable bytes come through as surrogates (see ``valid_text``) instead
+    of ending the command."""
+    if sys.stdin is None:
+        raise ValueError("standard input is closed: nothing to read")
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")
+    return sys.stdin
+
+
+def valid_text(text: str) -> str:
+    """``text`` with bytes that were not valid UTF-8 replaced by U+FFFD, saying so once on stderr."""
+    fixed = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    if fixed != text:
+        print("warning: the input is not valid UTF-8; undecodable bytes were replaced with U+FFFD", file=sys.stderr)
+    return fixed
 
 
 # -- Will the weights fit? ----------------------------------------------------

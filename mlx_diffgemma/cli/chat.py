@@ -6,7 +6,7 @@ from typing import Optional
 
 from .. import cli
 from ..chat import stream_chat
-from ..generate import Progress, SamplerParams, print_stats
+from ..generate import SEED_LIMIT, Progress, SamplerParams, print_stats
 from ..live import DIM
 from ..thinking import ThoughtFormatter, split_thinking
 
@@ -37,9 +37,7 @@ def setup_arg_parser():
         metavar="N",
         help=f"Most tokens per answer (default: {DEFAULT_MAX_TOKENS}).",
     )
-    parser.add_argument(
-        "--seed", type=int, metavar="N", help="PRNG seed of the first turn, +1 per turn (default: random)."
-    )
+    cli.add_seed_argument(parser, "PRNG seed of the first turn, +1 per turn, 0 to 2**64-1 (default: random).")
     parser.add_argument(
         "--enable-thinking",
         action="store_true",
@@ -56,25 +54,26 @@ def main():
     cli.run(lambda: run_chat(args))
 
 
-def _read_line(interactive: bool) -> Optional[str]:
-    """The user's next line, or None at the end of input."""
+def _read_line(stdin, interactive: bool) -> Optional[str]:
+    """The user's next line (bytes that are not UTF-8 replaced), or None at the end of input."""
     if interactive:
         try:
-            return input(PROMPT)
+            return cli.valid_text(input(PROMPT))
         except EOFError:
             print()
             return None
-    line = sys.stdin.readline()
+    line = stdin.readline()
     if not line:
         return None
-    line = line.rstrip("\n")
+    line = cli.valid_text(line.rstrip("\n"))
     # Piped input is not echoed: show it, so the output reads as a transcript.
     print(PROMPT + line, flush=True)
     return line
 
 
 def run_chat(args):
-    interactive = sys.stdin.isatty()
+    stdin = cli.stdin()
+    interactive = stdin.isatty()
     styled = sys.stdout.isatty()
     if interactive and styled:
         try:
@@ -93,7 +92,7 @@ def run_chat(args):
     def new_conversation():
         system = []
         if args.system_prompt is not None:
-            system.append({"role": "system", "content": args.system_prompt})
+            system.append({"role": "system", "content": cli.valid_text(args.system_prompt)})
         return system, None
 
     messages, chat_cache = new_conversation()
@@ -101,7 +100,7 @@ def run_chat(args):
         print(f"Chat with {args.model}. Type /help for commands, /quit to leave.")
     turn = 0
     while True:
-        query = _read_line(interactive)
+        query = _read_line(stdin, interactive)
         if query is None or query.strip() in ("q", "/quit", "/exit"):
             return 0
         command = query.strip()
@@ -118,12 +117,14 @@ def run_chat(args):
             thinking = not thinking
             # The template renders the whole conversation differently (a system
             # turn asks for thoughts), so the next turn encodes it afresh.
+            encoded = chat_cache is not None
             chat_cache = None
-            print(f"[thinking {'on' if thinking else 'off'}]")
+            again = " the next turn encodes the conversation again (the template renders it anew)"
+            print(f"[thinking {'on' if thinking else 'off'}]" + (again if encoded else ""))
             continue
 
         messages.append({"role": "user", "content": query})
-        seed = None if args.seed is None else args.seed + turn
+        seed = None if args.seed is None else (args.seed + turn) % SEED_LIMIT
         turn += 1
         cached = chat_cache.cache.offset if chat_cache else 0
         formatter = ThoughtFormatter()

@@ -1,7 +1,6 @@
 """python -m mlx_diffgemma.generate: one prompt in, the model's answer out."""
 
 import argparse
-import sys
 
 from .. import cli
 from ..generate import Progress, SamplerParams, print_stats, stream_generate
@@ -44,7 +43,7 @@ def setup_arg_parser():
         metavar="N",
         help=f"Most tokens to generate (default: {DEFAULT_MAX_TOKENS}).",
     )
-    parser.add_argument("--seed", type=int, metavar="N", help="PRNG seed (default: a random one).")
+    cli.add_seed_argument(parser, "PRNG seed, 0 to 2**64-1 (default: a random one).")
     parser.add_argument(
         "--ignore-chat-template",
         action="store_true",
@@ -68,8 +67,7 @@ def main():
 
 def run_generate(args):
     prompt = args.prompt.replace("\\n", "\n").replace("\\t", "\t")
-    if prompt == "-":
-        prompt = sys.stdin.read()
+    prompt = cli.valid_text(cli.stdin().read() if prompt == "-" else prompt)
     model, tokenizer = cli.load_for_generation(args.model)
     if not args.ignore_chat_template and tokenizer.has_chat_template:
         messages = [{"role": "user", "content": prompt}]
