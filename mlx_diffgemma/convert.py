@@ -144,7 +144,6 @@ def module_quantization(
     for group_size in sorted(sizes, reverse=True):
         if in_dims % group_size == 0:
             return dict(params, group_size=group_size)
-    logger.warning("%s: %d inputs fit no %s group size; kept in float", path, in_dims, params["mode"])
     return None
 
 
@@ -155,6 +154,8 @@ class Rules:
     dtype: Optional[mx.Dtype]  # float tensors are cast to it (None: kept)
     quantize: Dict[str, dict] = field(default_factory=dict)  # module path -> params
     dequantize: Dict[str, dict] = field(default_factory=dict)  # module path -> stored params
+    # Quantizable modules left in float, and why (for the summary).
+    kept_float: Dict[str, str] = field(default_factory=dict)
 
 
 def convert_arrays(arrays: Dict[str, mx.array], rules: Rules) -> Dict[str, mx.array]:
@@ -280,11 +281,18 @@ def plan_conversion(
             raise ConvertError(
                 "the source is already quantized: convert from the float checkpoint (or pass --dequantize)"
             )
+        table = RECIPES[recipe] if isinstance(recipe, str) else recipe
         for path, module in model.named_modules():
             if hasattr(module, "to_quantized"):
-                params = module_quantization(recipe, path, module.weight.shape[-1], quantize)
+                in_dims = module.weight.shape[-1]
+                params = module_quantization(recipe, path, in_dims, quantize)
                 if params is not None:
                     rules.quantize[path] = params
+                elif table[piece(path)] is None:
+                    rules.kept_float[path] = "by the recipe"
+                else:
+                    mode = quantize["mode"] if table[piece(path)] == "requested" else HIGH_PRECISION["mode"]
+                    rules.kept_float[path] = f"{in_dims} inputs fit no {mode} group size"
 
     # A weight stored quantized travels with its scales and biases.
     jobs, grouped = [], {}
@@ -391,7 +399,16 @@ def write_weights(plan: Plan, out_dir: Path, progress: bool = True) -> dict:
                     for name, slot in job.sources.items()
                 }
                 out = convert_arrays(block, plan.rules)
-                mx.eval(out)
+                # A NaN or infinite weight makes a model that writes only
+                # padding: refuse to write one (one more pass, in the same eval).
+                finite = {n: mx.isfinite(a).all() for n, a in block.items() if mx.issubdtype(a.dtype, mx.floating)}
+                mx.eval(out, finite)
+                for name, ok in finite.items():
+                    if not ok.item():
+                        raise ConvertError(
+                            f"{job.sources[name].file}: tensor {name} holds NaN or infinite values; "
+                            "refusing to write a broken model"
+                        )
                 for name, array in out.items():
                     writers[name].write_rows(name, start, array)
                 del block, out
@@ -496,24 +513,85 @@ def _contains(outer: Path, inner: Path) -> bool:
     return inner == outer or outer in inner.parents
 
 
+# Written into every staging directory: a later run recognises the directory
+# as a conversion's own, and whether the process that made it is gone.
+STAGING_MARKER = ".mlx_diffgemma-conversion"
+
+
+def is_model_directory(path: Path) -> bool:
+    """Whether ``path`` looks like a model: a config.json and safetensors weights."""
+    return path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
+def check_replaceable(target: Path, force: bool):
+    """Refuse to replace ``target`` unless asked to and it is recognisably a model."""
+    if not (target.exists() or target.is_symlink()):
+        return
+    if not force:
+        raise ConvertError(f"{target} already exists (pass --force to replace it)")
+    if target.is_symlink() or not is_model_directory(target):
+        raise ConvertError(
+            f"{target} exists and is not a model directory (no config.json and weights); "
+            "not replacing it, even with --force: choose another --mlx-path"
+        )
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_stagings(target: Path) -> List[Path]:
+    """Delete what killed conversions to ``target`` left behind; returns what was deleted.
+
+    Only directories holding our marker, whose process is gone, are touched.
+    """
+    removed = []
+    for path in target.parent.glob(f".{target.name}.*.partial"):
+        try:
+            pid = int((path / STAGING_MARKER).read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            print(f"[WARN] {path}: not left by mlx_diffgemma.convert; leaving it alone")
+            continue
+        if _process_alive(pid):
+            continue  # another conversion to the same target, still running
+        shutil.rmtree(path, ignore_errors=True)
+        print(f"[INFO] Removed {path}, left by an interrupted conversion")
+        removed.append(path)
+    return removed
+
+
 @contextmanager
 def staged_directory(target: Path, force: bool) -> Iterator[Path]:
     """A new directory that becomes ``target`` only if the block completes.
 
     It is made beside ``target`` (same filesystem, so the final rename is
     atomic). On any exception, KeyboardInterrupt included, it is deleted and
-    ``target`` is left as it was.
+    ``target`` is left as it was. Only a model directory is ever replaced.
+    A conversion killed outright leaves the staging directory behind; the
+    next conversion to the same target removes it.
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    check_replaceable(target, force)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_stagings(target)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    except OSError as e:
+        raise ConvertError(f"{target}: cannot write there ({e.strerror or e})") from None
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private
     try:
+        (staging / STAGING_MARKER).write_text(f"{os.getpid()}\n")
         yield staging
+        (staging / STAGING_MARKER).unlink()
         if target.exists() or target.is_symlink():
-            if not force:
-                raise ConvertError(f"{target} already exists (pass --force to replace it)")
+            check_replaceable(target, force)
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
             old.rmdir()
             target.rename(old)
@@ -554,16 +632,33 @@ def default_mlx_path(hf_path: str, quantize: Optional[dict], recipe, dtype: Opti
     return f"{name}-{tag}"
 
 
-def _describe(plan: Plan) -> str:
-    """One line on what was quantized how, for the log."""
-    if not plan.rules.quantize:
-        return "no quantization"
-    by_piece = {}
-    for path, p in plan.rules.quantize.items():
-        setting = f"{p['bits']}-bit {p['mode']} (group {p['group_size']})"
-        by_piece.setdefault(piece(path), set()).add(setting)
-    parts = [f"{k}: {', '.join(sorted(v))}" for k, v in by_piece.items()]
-    return "; ".join(parts)
+def describe_size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
+
+
+def describe_quantization(plan: Plan, dtype: Optional[str]) -> List[str]:
+    """What was quantized how and what stayed in float and why, a line per piece of the model."""
+    rules = plan.rules
+    if not rules.quantize:
+        return []
+    lines = []
+    for name in PIECES:
+        counts: Dict[str, int] = {}
+        for path, p in rules.quantize.items():
+            if piece(path) == name:
+                setting = f"{p['bits']}-bit {p['mode']} (group {p['group_size']})"
+                counts[setting] = counts.get(setting, 0) + 1
+        for path, why in rules.kept_float.items():
+            if piece(path) == name:
+                setting = f"kept in {dtype or 'float'} ({why})"
+                counts[setting] = counts.get(setting, 0) + 1
+        parts = [
+            f"{n} module{'s' if n > 1 else ''} {'' if setting.startswith('kept') else 'at '}{setting}"
+            for setting, n in counts.items()
+        ]
+        if parts:
+            lines.append(f"{name}: {'; '.join(parts)}")
+    return lines
 
 
 def convert(
@@ -610,13 +705,18 @@ def convert(
     source, resolved = model_path.resolve(), target.resolve()
     if _contains(source, resolved) or _contains(resolved, source):
         raise ConvertError(f"{target}: the output must be outside the source {model_path}")
-    if (target.exists() or target.is_symlink()) and not force:
-        raise ConvertError(f"{target} already exists (pass --force to replace it)")
+    check_replaceable(target, force)
 
     slots = read_source(model_path)
     plan = plan_conversion(config, slots, settings, recipe, dequantize, dtype)
-    print(f"[INFO] {model_path}: {len(slots)} tensors, {sum(s.nbytes for s in slots.values()) / 1e9:.2f} GB")
-    print(f"[INFO] Writing {plan.nbytes / 1e9:.2f} GB in {dtype or 'the source dtypes'}; {_describe(plan)}")
+    print(f"[INFO] {model_path}: {len(slots)} tensors, {describe_size(sum(s.nbytes for s in slots.values()))}")
+    quantization = describe_quantization(plan, dtype)
+    print(
+        f"[INFO] Writing {describe_size(plan.nbytes)} in {dtype or 'the source dtypes'}"
+        + (", quantized:" if quantization else ", not quantized")
+    )
+    for line in quantization:
+        print(f"[INFO]   {line}")
     free = shutil.disk_usage(target.parent if target.parent.exists() else Path.cwd()).free
     if plan.nbytes > free:
         raise ConvertError(

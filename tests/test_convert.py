@@ -300,7 +300,7 @@ def test_interrupted_conversion_leaves_nothing(source, tmp_path, monkeypatch, er
 
 def test_force_replaces_only_a_complete_model(source, tmp_path, monkeypatch):
     target = tmp_path / "out"
-    target.mkdir()
+    convert(str(source), str(target), q_bits=8, progress=False)  # an older model
     (target / "old-model.txt").write_text("keep me")
     with pytest.raises(ConvertError, match="already exists"):
         convert(str(source), str(target), q_bits=4, progress=False)

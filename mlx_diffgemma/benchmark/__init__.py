@@ -34,6 +34,7 @@ from typing import List, Optional, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 
+from .. import blas
 from ..config import DEFAULT_ROPE, ModelArgs
 from ..convert import DEFAULT_RECIPE, RECIPES, module_quantization, quantization_settings
 from ..generate import SamplerParams, stream_generate
@@ -188,27 +189,6 @@ def _ram_gb() -> Optional[float]:
         return None
 
 
-def _blas() -> str:
-    """The BLAS MLX's CPU backend calls: Accelerate on a Mac; on Linux the
-    wheel's own unless one is preloaded (then its symbols win)."""
-    if sys.platform == "darwin":
-        return "Accelerate"
-    preloaded = [p for p in os.environ.get("LD_PRELOAD", "").replace(":", " ").split() if "blas" in p.lower()]
-    if not preloaded:
-        return "MLX's bundled BLAS (nothing preloaded)"
-    # Name the library behind the preloaded libblas.so.3 (e.g. libopenblasp-r0.3.21.so),
-    # read from this process' memory map.
-    directory = str(Path(preloaded[0]).resolve().parent)
-    try:
-        maps = Path("/proc/self/maps").read_text().splitlines()
-    except OSError:
-        maps = []
-    behind = sorted(
-        {Path(line.split()[-1]).name for line in maps if line.split()[-1].startswith(directory) and "openblas" in line}
-    )
-    return f"preloaded {preloaded[0]}" + (f" ({', '.join(behind)})" if behind else "")
-
-
 def load_average() -> Optional[float]:
     """The 1-minute load average: other busy processes inflate every timing."""
     try:
@@ -226,7 +206,7 @@ def machine_info() -> dict:
         platform=f"{platform.system()} {platform.machine()}",
         mlx=mx.__version__,
         device="gpu (Metal)" if device.type == mx.DeviceType.gpu else "cpu",
-        blas=_blas(),
+        blas=blas.describe(),
         load_average_start=load_average(),
     )
 
@@ -311,11 +291,14 @@ def run_generation(
     last = {}
     steps_seen = 0
     tic = time.perf_counter()
+    canvases = math.ceil(max_tokens / model.canvas_length)
     for response in stream_generate(model, None, batch, max_tokens=max_tokens, seed=seed, **overrides):
         now = time.perf_counter()
         # Every row reports each step; the first report of a new step count marks it.
         if response.denoising_steps > steps_seen:
             steps_seen = response.denoising_steps
+            if not marks or marks[-1][0] != response.canvas_index:
+                _log(f"  canvas {response.canvas_index + 1} of {canvases} (up to {params.max_denoising_steps} steps)")
             marks.append((response.canvas_index, now))
         last[response.row] = response
     total = time.perf_counter() - tic
@@ -392,6 +375,9 @@ def _load_or_build(options: Options, checkpoint: Optional[Path]) -> Tuple[Model,
 def run_benchmark(options: Options) -> dict:
     """Everything the command reports, as a JSON-ready dict."""
     validate(options)
+    advice = blas.slow_blas_advice()
+    if advice:
+        _log(advice)
     machine = machine_info()
     with tempfile.TemporaryDirectory(prefix="mlx_diffgemma_bench_") as tmp:
         checkpoint = Path(options.model).expanduser() if options.model else None

@@ -47,7 +47,7 @@ def configure_parser() -> argparse.ArgumentParser:
         "--q-group-size",
         type=int,
         default=None,
-        choices=sorted({g for m in MODES.values() for g in m["group_sizes"]}),
+        metavar="N",
         help="Weights sharing one scale. Default: 64 for affine (which takes 32, 64, 128), "
         "32 for mxfp4/mxfp8, 16 for nvfp4 (each takes only its default).",
     )
