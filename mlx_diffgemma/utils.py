@@ -66,7 +66,9 @@ def get_model_path(path_or_repo: str, revision: Optional[str] = None) -> Path:
         return Path(snapshot_download(path_or_repo, revision=revision, allow_patterns=_HUB_PATTERNS))
     except Exception as e:  # network, auth, missing repo: one line for the user
         raise LoadError(
-            f"{path_or_repo}: cannot download from the Hub ({type(e).__name__}: {e})".splitlines()[0]
+            f"{path_or_repo}: cannot download it from the Hugging Face Hub ({type(e).__name__}): the Hub "
+            "could not be reached, or has no such repo for this account; to use a model on this machine, "
+            "pass its directory instead (a path such as ./diffusiongemma-26B-A4B-it)"
         ) from e
 
 
