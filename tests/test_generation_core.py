@@ -3,6 +3,7 @@ and the layering (one caller of model.denoise, the library never importing the
 command line, the benchmark timing the code generation runs)."""
 
 import ast
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -368,3 +369,13 @@ def test_the_benchmark_times_the_step_generation_runs(monkeypatch):
     assert set(callers["denoise"]) == {denoise_step.__code__}
     assert callers["update"] and all(callers["update"])
     assert result["components"]["sampler"]["time_s"] > 0
+
+
+def test_console_scripts_point_at_the_commands():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    scripts = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["project"]["scripts"]
+    assert set(scripts) >= {f"mlx_diffgemma.{name}" for name in ("generate", "chat", "convert", "benchmark")}
+    for name, target in scripts.items():
+        module, _, function = target.partition(":")
+        assert module == f"mlx_diffgemma.cli.{name.split('.')[-1]}"
+        assert callable(getattr(importlib.import_module(module), function)), target
