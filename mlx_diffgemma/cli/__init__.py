@@ -30,8 +30,9 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _number(kind, minimum, inclusive=True):
-    """An argparse type: ``kind`` (int or float) no smaller than ``minimum``."""
+def _typed(kind, problem: Callable[[object], Optional[str]]):
+    """An argparse type: ``kind`` (int or float), then ``problem(value)``,
+    which says what is wrong with the value (None: nothing)."""
 
     def parse(text):
         try:
@@ -40,30 +41,32 @@ def _number(kind, minimum, inclusive=True):
             raise argparse.ArgumentTypeError(
                 f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
             ) from None
-        if value < minimum or (value == minimum and not inclusive):
-            relation = ">=" if inclusive else ">"
-            raise argparse.ArgumentTypeError(f"must be {relation} {minimum:g} (got {text})")
+        message = problem(value)
+        if message:
+            raise argparse.ArgumentTypeError(message)
         return value
 
     return parse
 
 
-positive_int = _number(int, 1)
-non_negative_int = _number(int, 0)
-non_negative_float = _number(float, 0.0)
-positive_float = _number(float, 0.0, inclusive=False)
+positive_int = _typed(int, lambda v: None if v >= 1 else f"must be >= 1 (got {v})")
 
 
-def seed(text: str) -> int:
-    """An argparse type for --seed, checked as the library checks a seed."""
+def _seed_problem(value: int) -> Optional[str]:
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    try:
-        return check_seed(value)
+        check_seed(value)
     except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e).removeprefix("seed ")) from None
+        return str(e).removeprefix("seed ")
+    return None
+
+
+seed = _typed(int, _seed_problem)  # --seed, checked as the library checks a seed
+
+
+def add_max_tokens_argument(parser: argparse.ArgumentParser, default: int, help: str):
+    parser.add_argument(
+        "--max-tokens", "-m", type=positive_int, default=default, metavar="N", help=f"{help} (default: {default})."
+    )
 
 
 def add_seed_argument(parser: argparse.ArgumentParser, help: str):
@@ -126,25 +129,6 @@ def add_chat_template_argument(parser: argparse.ArgumentParser):
     )
 
 
-def _setting_flag(name: str):
-    """An argparse type for sampler setting ``name``, checked as the library checks it."""
-    kind = SETTING_INFO[name]["kind"]
-
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
-            ) from None
-        problem = setting_problem(name, value)
-        if problem:
-            raise argparse.ArgumentTypeError(problem)
-        return value
-
-    return parse
-
-
 def add_sampler_arguments(parser: argparse.ArgumentParser):
     """The diffusion sampler's flags, one per ``SamplerParams`` setting. Unset
     flags stay None: the checkpoint's generation_config.json decides."""
@@ -155,7 +139,7 @@ def add_sampler_arguments(parser: argparse.ArgumentParser):
         info = SETTING_INFO[name]
         group.add_argument(
             "--" + name.replace("_", "-"),
-            type=_setting_flag(name),
+            type=_typed(info["kind"], lambda value, name=name: setting_problem(name, value)),
             metavar=info["metavar"],
             help=f"{info['help'].rstrip('.')} (default: {info['default']:g}).",
         )

@@ -29,14 +29,7 @@ def setup_arg_parser():
     )
     cli.add_model_arguments(parser)
     parser.add_argument("--system-prompt", metavar="TEXT", help="System prompt for the conversation.")
-    parser.add_argument(
-        "--max-tokens",
-        "-m",
-        type=cli.positive_int,
-        default=DEFAULT_MAX_TOKENS,
-        metavar="N",
-        help=f"Most tokens per answer (default: {DEFAULT_MAX_TOKENS}).",
-    )
+    cli.add_max_tokens_argument(parser, DEFAULT_MAX_TOKENS, "Most tokens per answer")
     cli.add_seed_argument(parser, "PRNG seed of the first turn, +1 per turn, 0 to 2**64-1 (default: random).")
     parser.add_argument(
         "--enable-thinking",

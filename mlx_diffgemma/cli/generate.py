@@ -35,14 +35,7 @@ def setup_arg_parser():
         "--prompt", "-p", default=DEFAULT_PROMPT, metavar="TEXT", help="Message to the model ('-' reads stdin)."
     )
     parser.add_argument("--system-prompt", metavar="TEXT", help="System prompt for the chat template.")
-    parser.add_argument(
-        "--max-tokens",
-        "-m",
-        type=cli.positive_int,
-        default=DEFAULT_MAX_TOKENS,
-        metavar="N",
-        help=f"Most tokens to generate (default: {DEFAULT_MAX_TOKENS}).",
-    )
+    cli.add_max_tokens_argument(parser, DEFAULT_MAX_TOKENS, "Most tokens to generate")
     cli.add_seed_argument(parser, "PRNG seed, 0 to 2**64-1 (default: a random one).")
     parser.add_argument(
         "--ignore-chat-template",
