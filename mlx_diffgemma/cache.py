@@ -59,6 +59,12 @@ class LayerCache:
     def state(self):
         return self.keys, self.values
 
+    def copy(self) -> "LayerCache":
+        """This cache as it is now; appends to either leave the other unchanged."""
+        other = LayerCache(self.keep)
+        other.keys, other.values, other.offset = self.keys, self.values, self.offset
+        return other
+
     @property
     def nbytes(self) -> int:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
@@ -78,6 +84,12 @@ class PromptCache(list):
     @property
     def offset(self) -> int:
         return self[0].offset
+
+    def copy(self) -> "PromptCache":
+        """This cache as it is now (its arrays shared, never written in place)."""
+        other = PromptCache([c.copy() for c in self])
+        other.left_padding = self.left_padding
+        return other
 
     @property
     def nbytes(self) -> int:

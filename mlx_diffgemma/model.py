@@ -121,7 +121,8 @@ class Router(nn.Module):
     def __call__(self, x: mx.array):
         x = mx.fast.rms_norm(x, None, self.eps) * self.scale * self.root_size
         probs = mx.softmax(self.proj(x).astype(mx.float32), axis=-1)
-        top_k = mx.argpartition(-probs, kth=self.top_k - 1, axis=-1)[..., : self.top_k]
+        # Indices carry no gradient (training would otherwise ask for one).
+        top_k = mx.stop_gradient(mx.argpartition(-probs, kth=self.top_k - 1, axis=-1)[..., : self.top_k])
         weights = mx.take_along_axis(probs, top_k, axis=-1)
         weights = weights / weights.sum(axis=-1, keepdims=True)
         return top_k, weights * self.per_expert_scale[top_k]
@@ -166,13 +167,18 @@ class Layer(nn.Module):
 
     def __call__(self, x: mx.array, cache: LayerCache, mask: Optional[mx.array], encoding: bool) -> mx.array:
         h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cache, mask, encoding))
+        out = h + self.feed_forward(h)
+        return out * (self.encoder_layer_scalar if encoding else self.layer_scalar)
+
+    def feed_forward(self, h: mx.array) -> mx.array:
+        """The dense MLP and the experts side by side (no cache: training may
+        recompute it in the backward pass to save memory)."""
         dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(h)))
         # The router reads the raw residual, not a normed one.
         top_k, weights = self.router(h)
         sparse = self.experts(self.pre_feedforward_layernorm_2(h), top_k, weights)
         sparse = self.post_feedforward_layernorm_2(sparse)
-        out = h + self.post_feedforward_layernorm(dense + sparse)
-        return out * (self.encoder_layer_scalar if encoding else self.layer_scalar)
+        return self.post_feedforward_layernorm(dense + sparse)
 
 
 class SelfConditioning(MLP):
@@ -242,6 +248,9 @@ class Model(nn.Module):
 
     def _masks(self, cache: PromptCache, length: int, causal: bool):
         """One mask per layer type, built once per call."""
+        key_masks = getattr(cache, "key_masks", None)
+        if key_masks is not None:  # a training context, with its own rule per row
+            return key_masks(length)
         positions = mx.arange(cache.offset, cache.offset + length)
         masks = {}
         for sliding in (True, False):

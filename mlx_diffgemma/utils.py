@@ -313,13 +313,24 @@ def _load_generation_config(model_path: Path) -> dict:
     return config
 
 
-def load(path_or_repo: str = DEFAULT_MODEL, revision: Optional[str] = None, lazy: bool = False):
+def load(
+    path_or_repo: str = DEFAULT_MODEL,
+    revision: Optional[str] = None,
+    lazy: bool = False,
+    adapter_path: Optional[str] = None,
+):
     """Load a DiffusionGemma checkpoint: ``model, tokenizer = load(path_or_repo)``.
 
-    ``tokenizer`` is None when the checkpoint carries no tokenizer files.
+    ``adapter_path`` names a directory of adapters trained by
+    ``mlx_diffgemma.lora`` to apply. ``tokenizer`` is None when the
+    checkpoint carries no tokenizer files.
     """
     model_path = get_model_path(path_or_repo, revision)
     model = load_model(model_path, lazy=lazy)
+    if adapter_path is not None:
+        from .tuner.adapters import load_adapters
+
+        load_adapters(model, adapter_path)
     eos = model.generation_config.get("eos_token_id", model.args.eos_token_id)
     try:
         tokenizer = load_tokenizer(model_path, eos_token_ids=eos if isinstance(eos, list) else [eos])

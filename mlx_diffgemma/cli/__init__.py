@@ -99,6 +99,11 @@ def add_model_arguments(parser: argparse.ArgumentParser):
         metavar="PATH_OR_REPO",
         help=f"Local model directory or Hugging Face repo (default: {DEFAULT_MODEL}).",
     )
+    parser.add_argument(
+        "--adapter-path",
+        metavar="DIR",
+        help="Directory of trained adapters (adapters.safetensors, adapter_config.json) to apply.",
+    )
 
 
 # Arguments of apply_chat_template that the commands set themselves.
@@ -290,10 +295,10 @@ def convert_advice(model: str) -> str:
     return f"`{command}`, then run with --model {converted}"
 
 
-def load_for_generation(model: str):
+def load_for_generation(model: str, adapter_path: Optional[str] = None):
     """``mlx_diffgemma.load`` for a command line: checks memory first, needs a tokenizer."""
     check_memory(model)
-    model_obj, tokenizer = load(model)
+    model_obj, tokenizer = load(model, adapter_path=adapter_path)
     if tokenizer is None:
         raise LoadError(f"{model}: no tokenizer files (tokenizer.json or tokenizer.model)")
     return model_obj, tokenizer

@@ -74,7 +74,7 @@ def run_chat(args):
         except ImportError:
             pass
 
-    model, tokenizer = cli.load_for_generation(args.model)
+    model, tokenizer = cli.load_for_generation(args.model, args.adapter_path)
     params = cli.sampler_params(args)
     SamplerParams.resolve(model, **params)  # bad settings fail before the first prompt
     view = cli.make_view(args)

@@ -61,7 +61,7 @@ def main():
 def run_generate(args):
     prompt = args.prompt.replace("\\n", "\n").replace("\\t", "\t")
     prompt = cli.valid_text(cli.stdin().read() if prompt == "-" else prompt)
-    model, tokenizer = cli.load_for_generation(args.model)
+    model, tokenizer = cli.load_for_generation(args.model, args.adapter_path)
     if not args.ignore_chat_template and tokenizer.has_chat_template:
         messages = [{"role": "user", "content": prompt}]
         if args.system_prompt is not None:
