@@ -161,6 +161,9 @@ def check_options(opts: dict, config_file=None):
         raise ValueError(f"--optimizer {opts['optimizer']!r}: expected one of {', '.join(sorted(OPTIMIZERS))}")
     if opts["fine_tune_type"] not in adapters.FINE_TUNE_TYPES:
         raise ValueError(f"--fine-tune-type {opts['fine_tune_type']!r}: expected lora, dora or full")
+    for name in ("optimizer_config", "lr_schedule"):
+        if opts[name] is not None and not isinstance(opts[name], dict):
+            raise ValueError(f"{config_file}: {name} must be a mapping")
     if opts["lora_parameters"] is not None and not isinstance(opts["lora_parameters"], dict):
         raise ValueError(f"{config_file}: lora_parameters must be a mapping (rank, scale, dropout, keys)")
 
@@ -189,7 +192,12 @@ def check_lengths(examples, canvas_length: int, limit: int, flag: str):
 
 def build_optimizer(opts):
     lr = build_schedule(opts.lr_schedule) if opts.lr_schedule else opts.learning_rate
-    return OPTIMIZERS[opts.optimizer](learning_rate=lr, **(opts.optimizer_config or {}))
+    # As in mlx-lm: settings per optimizer name, e.g. {"adamw": {"weight_decay": 0.01}}.
+    settings = (opts.optimizer_config or {}).get(opts.optimizer, {})
+    try:
+        return OPTIMIZERS[opts.optimizer](learning_rate=lr, **settings)
+    except TypeError as e:
+        raise ValueError(f"optimizer_config.{opts.optimizer}: {e}") from None
 
 
 def run_lora(opts) -> int:
