@@ -1,6 +1,6 @@
 """Memory of one LoRA training step at the released model's widths, per layer.
 
-    python benchmarks/lora_memory.py [--prompt-tokens 256] [--blocks 1]
+    python benchmarks/lora_memory.py [--prompt-tokens 256] [--blocks 1] [--grad-checkpoint]
 
 Builds models with the released config's widths (hidden 2816, 128 experts of
 704, top-8, vocabulary 262,144, canvas 256) but only one or two layers, random
@@ -29,18 +29,21 @@ from mlx_diffgemma.model import Model
 from mlx_diffgemma.tuner import adapters
 from mlx_diffgemma.tuner.datasets import Example
 from mlx_diffgemma.tuner.objective import ObjectiveArgs, loss, make_batch
+from mlx_diffgemma.tuner.trainer import checkpoint_feed_forward
 
 CONFIG = Path(__file__).resolve().parents[1] / "tests" / "data" / "diffusiongemma-26B-A4B-it" / "config.json"
 GB = 1e9
 
 
-def step_memory(layer_types, prompt_tokens: int, blocks: int) -> dict:
+def step_memory(layer_types, prompt_tokens: int, blocks: int, grad_checkpoint: bool = False) -> dict:
     config = json.loads(CONFIG.read_text())
     text = dict(config["text_config"], num_hidden_layers=len(layer_types), layer_types=layer_types)
     text.pop("per_layer_config", None)
     args = ModelArgs.from_dict(dict(config, text_config=text))
     model = Model(args)
     adapters.prepare(model, "lora", -1)
+    if grad_checkpoint:
+        checkpoint_feed_forward(model)
     mx.eval(model.parameters())
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     rng = np.random.default_rng(0)
@@ -67,11 +70,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompt-tokens", type=int, default=256)
     parser.add_argument("--blocks", type=int, default=1, help="completion blocks of 256 (the encoder reads them all)")
+    parser.add_argument("--grad-checkpoint", action="store_true", help="recompute the MLPs and experts backward")
     args = parser.parse_args()
     s, f = "sliding_attention", "full_attention"
     runs = {}
     for name, types in (("F", [f]), ("FF", [f, f]), ("SF", [s, f])):
-        runs[name] = step_memory(types, args.prompt_tokens, args.blocks)
+        runs[name] = step_memory(types, args.prompt_tokens, args.blocks, args.grad_checkpoint)
         print(f"{name}: weights {runs[name]['weights'] / GB:.2f} GB, step {runs[name]['step'] / GB:.3f} GB", flush=True)
     full = runs["FF"]["step"] - runs["F"]["step"]
     sliding = runs["SF"]["step"] - runs["F"]["step"]

@@ -6,6 +6,7 @@ from typing import Any, Dict, Iterator, List, Optional
 import mlx.core as mx
 
 from .cache import PromptCache
+from .chat_template import render
 from .generate import GenerationResponse, stream_generate
 from .model import Model
 from .thinking import END_OF_TURN, split_thinking
@@ -35,14 +36,6 @@ class ChatResponse:
     last: Optional[GenerationResponse] = field(default=None, repr=False)
 
 
-def _render(tokenizer, messages, add_generation_prompt, template_kwargs) -> List[int]:
-    ids = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=add_generation_prompt, tokenize=True, **template_kwargs
-    )
-    # transformers may hand back a BatchEncoding instead of a list.
-    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-
-
 def chat_prompt(
     model: Model,
     tokenizer,
@@ -57,17 +50,45 @@ def chat_prompt(
     cache holds (edited history, another template setting), the cache is
     started afresh.
     """
-    full = _render(tokenizer, messages, True, template_kwargs)
+    full = render(tokenizer, messages, True, **template_kwargs)
     if chat_cache is None or chat_cache.messages == 0:
         return full, ChatCache(model.make_cache())
-    cached = _render(tokenizer, messages[: chat_cache.messages], False, template_kwargs)
-    stop = chat_cache.stop_token
-    if len(messages) > chat_cache.messages and full[: len(cached)] == cached and stop in cached:
-        # The cache ends with the answer's stop token; the template closes the
-        # turn with what follows it (Gemma 4: a newline).
-        after_stop = len(cached) - cached[::-1].index(stop)
-        return cached[after_stop:] + full[len(cached) :], chat_cache
+    if len(messages) > chat_cache.messages:
+        cached = render(tokenizer, messages[: chat_cache.messages], False, **template_kwargs)
+        rest = continuation(full, cached, chat_cache.stop_token)
+        if rest is not None:
+            return rest, chat_cache
     return full, ChatCache(model.make_cache())
+
+
+def continuation(full: List[int], cached: List[int], stop: Optional[int]) -> Optional[List[int]]:
+    """What to encode after a cache whose conversation renders as ``cached``.
+
+    The cache ends with the answer's stop token where the rendering closes the
+    turn (Gemma 4: ``<turn|>`` then a newline), so it continues with what
+    follows the last ``stop`` in ``cached``, then the new part of ``full``.
+    None when ``full`` does not extend ``cached``.
+    """
+    if stop is None or len(full) <= len(cached) or full[: len(cached)] != cached or stop not in cached:
+        return None
+    after_stop = len(cached) - cached[::-1].index(stop)
+    return cached[after_stop:] + full[len(cached) :]
+
+
+def commit_answer(model: Model, tokenizer, chat_cache: ChatCache, last: GenerationResponse, messages: int):
+    """Close the answer in ``chat_cache`` so the next turn continues it.
+
+    Earlier canvases were encoded during generation, the last one was not:
+    it goes in now, closed by its stop token (an end of turn when the answer
+    ran out of tokens). ``messages`` is how many messages the cache now holds.
+    """
+    stop = last.stop_token
+    if stop is None:
+        stop = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    model.encode(mx.array([last.token_ids + [stop]]), chat_cache.cache)
+    mx.eval([c.state for c in chat_cache.cache])
+    chat_cache.messages = messages
+    chat_cache.stop_token = stop
 
 
 def stream_chat(
@@ -96,16 +117,7 @@ def stream_chat(
     for last in stream_generate(model, tokenizer, prompt, prompt_cache=chat_cache.cache, **params):
         yield last
 
-    # Keep the answer's last canvas in the cache, closed by its stop token (or
-    # an end of turn when it ran out of tokens), so the next turn continues it.
-    stop = last.stop_token
-    if stop is None:
-        stop = tokenizer.convert_tokens_to_ids(END_OF_TURN)
-    # (Earlier canvases were encoded during generation; the last one was not.)
-    model.encode(mx.array([last.token_ids + [stop]]), chat_cache.cache)
-    mx.eval([c.state for c in chat_cache.cache])
-    chat_cache.messages = len(messages) + 1
-    chat_cache.stop_token = stop
+    commit_answer(model, tokenizer, chat_cache, last, len(messages) + 1)
     # Set once the stream is exhausted, on the response it yielded last.
     last.chat_cache = chat_cache
 

@@ -15,6 +15,7 @@ from . import cpu_experts
 from .config import ConfigError, ModelArgs
 from .model import Model
 from .tokenizer import load_tokenizer
+from .tuner.adapters import load_adapters
 
 logger = logging.getLogger("mlx_diffgemma")
 
@@ -328,8 +329,6 @@ def load(
     model_path = get_model_path(path_or_repo, revision)
     model = load_model(model_path, lazy=lazy)
     if adapter_path is not None:
-        from .tuner.adapters import load_adapters
-
         load_adapters(model, adapter_path)
     eos = model.generation_config.get("eos_token_id", model.args.eos_token_id)
     try:

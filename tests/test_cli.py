@@ -142,7 +142,8 @@ def test_generate_reads_the_prompt_from_stdin_and_takes_sampler_flags(model_dir)
 def test_live_view_can_be_forced_on_a_pipe(model_dir):
     r = run("-m", "mlx_diffgemma.generate", "--model", model_dir, "--seed", "0", *FAST, "--live")
     assert r.returncode == 0, r.stderr
-    assert live.DRAFT in r.stdout and re.search(r"canvas 2, step \d/3", r.stdout)
+    # Redraws are capped at 30 a second, so a fast machine may skip a canvas' steps.
+    assert live.DRAFT in r.stdout and re.search(r"canvas \d, step \d/3", r.stdout)
 
 
 @pytest.mark.parametrize(

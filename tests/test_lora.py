@@ -29,10 +29,11 @@ from mlx_diffgemma.tuner.objective import (
     corrupt,
     decoder_logits,
     encoder_cache,
+    loss,
     losses,
     make_batch,
 )
-from mlx_diffgemma.tuner.trainer import TrainingArgs, evaluate, train
+from mlx_diffgemma.tuner.trainer import TrainingArgs, checkpoint_feed_forward, evaluate, train
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONIOENCODING="utf-8")
 AS_USER = (
@@ -255,6 +256,19 @@ def test_a_short_training_run_lowers_the_validation_loss(model_dir, data_dir, fi
     data = load_dataset(str(data_dir), tokenizer)
     before, after = short_training(model, data, fine_tune_type, iters=30)
     assert after < before - 0.5, (before, after)
+
+
+def test_grad_checkpoint_gives_the_same_gradients(model_dir):
+    model = load(str(model_dir))[0]
+    adapters.prepare(model, "lora", -1)
+    rng = np.random.default_rng(7)
+    batch = make_batch(random_examples(rng, 2, model.args.vocab_size), objective(model), rng)
+    plain = dict(tree_flatten(nn.value_and_grad(model, loss)(model, batch)[1]))
+    checkpoint_feed_forward(model)
+    checkpointed = dict(tree_flatten(nn.value_and_grad(model, loss)(model, batch)[1]))
+    assert plain.keys() == checkpointed.keys() and plain
+    for name in plain:
+        assert mx.abs(plain[name] - checkpointed[name]).max().item() < 1e-5, name
 
 
 def test_the_router_stays_frozen_by_default(model_dir):

@@ -16,6 +16,7 @@ from typing import Callable, Dict, Optional
 
 import mlx.core as mx
 
+from ..chat_template import TEMPLATE_ARGUMENTS
 from ..generate import SAMPLER_SETTINGS, SETTING_INFO, check_seed, setting_problem
 from ..live import LiveView, PlainView
 from ..utils import DEFAULT_MODEL, LoadError, is_hub_id, load
@@ -104,17 +105,6 @@ def add_model_arguments(parser: argparse.ArgumentParser):
         metavar="DIR",
         help="Directory of trained adapters (adapters.safetensors, adapter_config.json) to apply.",
     )
-
-
-# Arguments of apply_chat_template that the commands set themselves.
-TEMPLATE_ARGUMENTS = (
-    "conversation",
-    "messages",
-    "add_generation_prompt",
-    "tokenize",
-    "tools",
-    "continue_final_message",
-)
 
 
 def template_config(text: str) -> dict:

@@ -3,6 +3,7 @@
 import argparse
 
 from .. import cli
+from ..chat_template import render
 from ..generate import Progress, SamplerParams, print_stats, stream_generate
 
 DEFAULT_PROMPT = "hello"
@@ -68,7 +69,8 @@ def run_generate(args):
             messages.insert(0, {"role": "system", "content": args.system_prompt})
         template_kwargs = dict(enable_thinking=args.enable_thinking)
         template_kwargs.update(args.chat_template_config or {})
-        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **template_kwargs)
+        # As chat and the server do: the prompt's text never becomes control tokens.
+        prompt = render(tokenizer, messages, True, **template_kwargs)
 
     params = cli.sampler_params(args)
     SamplerParams.resolve(model, **params)  # bad settings fail before the view opens

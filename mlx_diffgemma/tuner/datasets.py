@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from ..chat_template import render
+
 SPLITS = ("train", "valid", "test")
 
 
@@ -39,9 +41,7 @@ def _ids(encoded) -> List[int]:
 
 
 def _render(tokenizer, messages, tools, add_generation_prompt: bool) -> List[int]:
-    return _ids(
-        tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=True)
-    )
+    return render(tokenizer, messages, add_generation_prompt, tools=tools)
 
 
 def _chat_example(tokenizer, messages: list, tools, where: str) -> Example:
