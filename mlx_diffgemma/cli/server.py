@@ -1,0 +1,159 @@
+"""python -m mlx_diffgemma.server: an OpenAI-compatible server (docs/server.md)."""
+
+import argparse
+import ipaddress
+import logging
+import re
+import sys
+
+from .. import cli
+from ..generate import SamplerParams
+from ..server import Config, Conversations, Settings, Worker, make_server
+
+DEFAULT_MAX_TOKENS = 512
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+def byte_size(text: str) -> int:
+    """'4000000', '512MB', '4GB', '2GiB' -> bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*", text.lower())
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected a size such as 4GB or 512MB, got {text!r}")
+    number, unit, binary = match.groups()
+    scale = (1024 if binary else 1000) ** " kmgt".index(unit or " ")
+    return int(float(number) * scale)
+
+
+def setup_arg_parser():
+    parser = cli.ArgumentParser(
+        prog="mlx_diffgemma.server",
+        description="Serve DiffusionGemma over an OpenAI-compatible HTTP API, with a page at / "
+        "where the canvas visibly denoises.",
+    )
+    cli.add_model_arguments(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="Address to bind (default: 127.0.0.1, this machine only).")
+    parser.add_argument("--port", type=int, default=8080, help="Port to listen on (default: 8080; 0 picks a free one).")
+    cli.add_max_tokens_argument(parser, DEFAULT_MAX_TOKENS, "Most tokens per answer when a request names none")
+    parser.add_argument(
+        "--chat-template-args",
+        type=cli.template_config,
+        default={},
+        metavar="JSON",
+        help="Arguments for the chat template, as a JSON object (e.g. '{\"enable_thinking\": true}'); "
+        "a request's chat_template_kwargs override them.",
+    )
+    parser.add_argument("--api-key", help="Require 'Authorization: Bearer KEY' on the /v1 routes.")
+    parser.add_argument(
+        "--allowed-origins",
+        type=lambda text: tuple(o.strip() for o in text.split(",") if o.strip()),
+        default=(),
+        metavar="ORIGINS",
+        help="Comma-separated origins (or *) that browsers may call the API from (default: none, no CORS).",
+    )
+    parser.add_argument(
+        "--max-request-bytes",
+        type=byte_size,
+        default=8 * 1024 * 1024,
+        metavar="SIZE",
+        help="Largest request body accepted; larger ones get 413 (default: 8MiB).",
+    )
+    parser.add_argument(
+        "--max-concurrency",
+        type=cli.positive_int,
+        default=8,
+        metavar="N",
+        help="Requests generating at once, taking turns a canvas each (default: 8).",
+    )
+    parser.add_argument(
+        "--queue-size",
+        type=int,
+        default=32,
+        metavar="N",
+        help="Requests waiting beyond those; more get 503 with Retry-After (default: 32).",
+    )
+    parser.add_argument(
+        "--prompt-cache-size",
+        type=int,
+        default=4,
+        metavar="N",
+        help="Conversations kept encoded for their next turn (default: 4; 0 keeps none).",
+    )
+    parser.add_argument(
+        "--prompt-cache-bytes",
+        type=byte_size,
+        default=None,
+        metavar="SIZE",
+        help="Most memory those conversations' caches may hold, e.g. 4GB (default: no bound beyond their number).",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+        help="Logging level (default: INFO).",
+    )
+    cli.add_sampler_arguments(parser)
+    return parser
+
+
+def is_local(host: str) -> bool:
+    if host in LOCAL_HOSTS:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def run_server(args) -> int:
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    if args.queue_size < 0 or args.prompt_cache_size < 0:
+        raise ValueError("--queue-size and --prompt-cache-size must be >= 0")
+    if not 0 <= args.port < 65536:
+        raise ValueError(f"--port {args.port}: must be in 0..65535")
+    sampler = cli.sampler_params(args)
+
+    def load():
+        model, tokenizer = cli.load_for_generation(args.model, args.adapter_path)
+        SamplerParams.resolve(model, **sampler)  # bad settings fail before serving
+        return model, tokenizer
+
+    worker = Worker(
+        load,
+        Settings(args.model, args.max_concurrency, args.queue_size, sampler),
+        Conversations(args.prompt_cache_size, args.prompt_cache_bytes),
+    )
+    worker.start()
+    config = Config(
+        model_id=args.model,
+        default_max_tokens=args.max_tokens,
+        template_defaults=dict(args.chat_template_args),
+        api_key=args.api_key,
+        allowed_origins=args.allowed_origins,
+        max_request_bytes=args.max_request_bytes,
+    )
+    try:
+        server = make_server(args.host, args.port, worker, config)
+    except OSError as e:
+        raise OSError(f"--host {args.host} --port {args.port}: cannot listen ({e.strerror or e})") from None
+    if not is_local(args.host):
+        print(
+            f"warning: listening on {args.host}, reachable from other machines; every request there "
+            "runs the model" + ("" if args.api_key else " (no --api-key set)"),
+            file=sys.stderr,
+        )
+    host, port = server.server_address[:2]
+    print(f"Serving {args.model} on http://{host}:{port}/ (Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+    return 0
+
+
+def main():
+    args = setup_arg_parser().parse_args()
+    cli.run(lambda: run_server(args), interrupted="stopped")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,324 @@
+"""OpenAI's request and response bodies: what the server accepts, and its answers.
+
+``parse_request`` checks a decoded JSON body field by field and returns a
+``Request``, or raises ``APIError`` naming the field. Everything a client
+sends is untrusted: types, ranges and sizes are checked here, before any work.
+Fields of OpenAI's API that do not apply to a diffusion sampler (``IGNORED``)
+are accepted and ignored; fields neither OpenAI's nor ours are ignored too, as
+OpenAI-compatible servers do, so clients that send extras keep working.
+"""
+
+import json
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Union
+
+from ..chat_template import TEMPLATE_ARGUMENTS
+from ..generate import SAMPLER_SETTINGS, check_seed, check_setting
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+# OpenAI's sampling fields: this sampler has its own (SAMPLER_SETTINGS).
+IGNORED = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "frequency_penalty",
+    "presence_penalty",
+    "repetition_penalty",
+    "logit_bias",
+    "logprobs",
+    "top_logprobs",
+    "best_of",
+    "echo",
+    "suffix",
+    "user",
+    "tool_choice",
+    "parallel_tool_calls",
+    "response_format",
+)
+MAX_STOP = 4  # as OpenAI
+MAX_N = 16
+
+
+class APIError(Exception):
+    """An OpenAI-style error: the HTTP status and ``{"error": {...}}``."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: Optional[str] = None,
+        type: str = "invalid_request_error",
+        code: Optional[str] = None,
+        headers: Optional[Dict[str, str]] = None,
+    ):
+        super().__init__(message)
+        self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad(message: str, param: Optional[str] = None) -> APIError:
+    return APIError(400, message, param)
+
+
+@dataclass
+class Request:
+    """A checked request. ``messages`` for chat, ``prompt`` for completions."""
+
+    kind: str  # "chat" or "completion"
+    model: Optional[str]
+    max_tokens: int
+    messages: Optional[List[Dict[str, Any]]] = None
+    prompt: Optional[Union[str, List[int]]] = None
+    stream: bool = False
+    include_usage: bool = False
+    include_drafts: bool = False
+    seed: Optional[int] = None
+    stop: List[str] = field(default_factory=list)
+    n: int = 1
+    tools: Optional[List[Dict[str, Any]]] = None
+    template_kwargs: Dict[str, Any] = field(default_factory=dict)
+    sampler: Dict[str, Any] = field(default_factory=dict)
+
+
+def _type_name(value) -> str:
+    return (
+        "null"
+        if value is None
+        else {dict: "object", list: "array", str: "string", bool: "boolean"}.get(
+            type(value), "number" if isinstance(value, (int, float)) else type(value).__name__
+        )
+    )
+
+
+def _get(body: dict, name: str, kind, what: str, default=None):
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, kind):
+        raise bad(f"'{name}' must be {what} (got {_type_name(value)})", name)
+    return value
+
+
+def _positive_int(body: dict, name: str) -> Optional[int]:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise bad(f"'{name}' must be an integer (got {_type_name(value)})", name)
+    if value < 1:
+        raise bad(f"'{name}' must be at least 1 (got {value})", name)
+    return value
+
+
+def _text_parts(content, where: str) -> Optional[Union[str, List[Dict[str, str]]]]:
+    if content is None or isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise bad(f"'{where}.content' must be a string or an array of text parts (got {_type_name(content)})", where)
+    parts = []
+    for j, part in enumerate(content):
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            kind = part.get("type") if isinstance(part, dict) else _type_name(part)
+            raise bad(f'\'{where}.content[{j}]\' must be a text part ({{"type": "text", "text": ...}}; got {kind})')
+        parts.append({"type": "text", "text": part["text"]})
+    return parts
+
+
+def _tool_calls(calls, where: str) -> List[Dict[str, Any]]:
+    """An assistant's tool calls, their JSON-string arguments parsed (the
+    template writes them in Gemma's own notation)."""
+    if not isinstance(calls, list):
+        raise bad(f"'{where}.tool_calls' must be an array", where)
+    out = []
+    for j, call in enumerate(calls):
+        here = f"{where}.tool_calls[{j}]"
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise bad(f"'{here}' must hold a function with a name", here)
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except json.JSONDecodeError as e:
+                raise bad(f"'{here}.function.arguments' is not valid JSON ({e.msg})", here) from None
+        if not isinstance(arguments, dict):
+            raise bad(f"'{here}.function.arguments' must be a JSON object", here)
+        out.append(
+            {
+                "id": str(call.get("id") or ""),
+                "type": "function",
+                "function": {"name": function["name"], "arguments": arguments},
+            }
+        )
+    return out
+
+
+def _messages(value) -> List[Dict[str, Any]]:
+    if value is None:
+        raise bad("'messages' is required", "messages")
+    if not isinstance(value, list):
+        raise bad(f"'messages' must be an array (got {_type_name(value)})", "messages")
+    if not value:
+        raise bad("'messages' must hold at least one message", "messages")
+    messages, names = [], {}
+    for i, m in enumerate(value):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise bad(f"'{where}' must be an object (got {_type_name(m)})", where)
+        role = m.get("role")
+        if role not in ROLES:
+            raise bad(f"'{where}.role' must be one of {', '.join(ROLES)} (got {role!r})", where)
+        out = {"role": role, "content": _text_parts(m.get("content"), where)}
+        if role == "assistant" and m.get("tool_calls") is not None:
+            out["tool_calls"] = _tool_calls(m["tool_calls"], where)
+            names.update({c["id"]: c["function"]["name"] for c in out["tool_calls"] if c["id"]})
+        elif out["content"] is None:
+            raise bad(f"'{where}.content' is required", where)
+        if role == "tool":
+            name = m.get("name") or names.get(m.get("tool_call_id"))
+            if name is not None:
+                if not isinstance(name, str):
+                    raise bad(f"'{where}.name' must be a string", where)
+                out["name"] = name
+        messages.append(out)
+    return messages
+
+
+def _tools(value) -> Optional[List[Dict[str, Any]]]:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise bad("'tools' must be an array of objects", "tools")
+    for i, tool in enumerate(value):
+        function = tool.get("function", tool)
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise bad(f"'tools[{i}]' must hold a function with a name", "tools")
+    return value
+
+
+def _stop(value) -> List[str]:
+    if value is None:
+        return []
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+        raise bad("'stop' must be a non-empty string or an array of them", "stop")
+    if len(stops) > MAX_STOP:
+        raise bad(f"'stop' holds at most {MAX_STOP} strings (got {len(stops)})", "stop")
+    return stops
+
+
+def _prompt(value) -> Union[str, List[int]]:
+    if value is None:
+        raise bad("'prompt' is required", "prompt")
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
+        value = value[0]  # a batch of one
+    if isinstance(value, str):
+        if not value:
+            raise bad("'prompt' is empty", "prompt")
+        return value
+    if isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        return value
+    if isinstance(value, list) and not value:
+        raise bad("'prompt' is empty", "prompt")
+    raise bad("'prompt' must be a string or an array of token ids (one prompt; use 'n' for several)", "prompt")
+
+
+def parse_request(kind: str, body: Any, default_max_tokens: int, template_defaults: Dict[str, Any]) -> Request:
+    """A checked ``Request`` from a decoded body, or ``APIError`` (400)."""
+    if not isinstance(body, dict):
+        raise bad(f"the request body must be a JSON object (got {_type_name(body)})")
+    model = _get(body, "model", str, "a string")
+    max_tokens = _positive_int(body, "max_completion_tokens") or _positive_int(body, "max_tokens")
+    stream = _get(body, "stream", bool, "a boolean", False)
+    options = _get(body, "stream_options", dict, "an object")
+    if options is not None and not stream:
+        raise bad("'stream_options' is only allowed with 'stream': true", "stream_options")
+    options = options or {}
+    for name in ("include_usage", "include_drafts"):
+        _get(options, name, bool, "a boolean")
+    seed = body.get("seed")
+    if seed is not None:
+        try:
+            seed = check_seed(seed)
+        except (TypeError, ValueError) as e:
+            raise bad(f"'seed': {e}", "seed") from None
+    n = _positive_int(body, "n") or 1
+    if n > MAX_N:
+        raise bad(f"'n' must be at most {MAX_N} (got {n})", "n")
+    sampler = {}
+    for name in SAMPLER_SETTINGS:
+        if body.get(name) is not None:
+            try:
+                sampler[name] = check_setting(name, body[name])
+            except (TypeError, ValueError) as e:
+                raise bad(str(e), name) from None
+    template_kwargs = dict(template_defaults)
+    extra = _get(body, "chat_template_kwargs", dict, "an object", {})
+    taken = [key for key in extra if key in TEMPLATE_ARGUMENTS]
+    if taken:
+        raise bad(f"'chat_template_kwargs.{taken[0]}' is set by the server itself", "chat_template_kwargs")
+    template_kwargs.update(extra)
+
+    request = Request(
+        kind=kind,
+        model=model,
+        max_tokens=max_tokens or default_max_tokens,
+        stream=stream,
+        include_usage=bool(options.get("include_usage")),
+        include_drafts=bool(options.get("include_drafts")),
+        seed=seed,
+        stop=_stop(body.get("stop")),
+        n=n,
+        sampler=sampler,
+    )
+    if kind == "chat":
+        request.messages = _messages(body.get("messages"))
+        request.tools = _tools(body.get("tools"))
+        request.template_kwargs = template_kwargs
+    else:
+        request.prompt = _prompt(body.get("prompt"))
+    return request
+
+
+# -- Responses ------------------------------------------------------------------
+
+
+def new_id(kind: str) -> str:
+    return ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(12)
+
+
+def tool_call_id() -> str:
+    return "call_" + secrets.token_hex(12)
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    denoising_steps: int
+    tokens_per_forward: float
+
+    def body(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+            "denoising_steps": self.denoising_steps,
+            "tokens_per_forward": round(self.tokens_per_forward, 4),
+        }
+
+
+def envelope(request: Request, response_id: str, model_id: str, created: Optional[int] = None, chunk=False) -> dict:
+    if request.kind == "chat":
+        obj = "chat.completion.chunk" if chunk else "chat.completion"
+    else:
+        obj = "text_completion"
+    return {"id": response_id, "object": obj, "created": created or int(time.time()), "model": model_id}

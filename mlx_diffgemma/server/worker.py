@@ -1,0 +1,332 @@
+"""One worker thread does all MLX (and tokenizer) work; requests take turns on it.
+
+HTTP threads parse a request, wrap it in a ``Job`` and ``submit`` it; the
+worker answers through the job's event queue:
+
+- ``("start", None)`` once the prompt is encoded and the first step ran (or
+  ``("error", APIError)`` instead: a prompt too long for the context, say);
+- ``("chunk", body)`` per streamed chunk (``stream: true``), or one
+  ``("response", body)``;
+- ``("end", None)`` last.
+
+Fairness: the active jobs (at most ``max_concurrency``) take turns a canvas
+each, so a long answer cannot hold up a short one by more than a canvas. A
+job whose client went away (``cancel``) is dropped before its next step.
+Beyond ``max_concurrency`` running and ``queue_size`` waiting, ``submit``
+refuses with 503 and ``Retry-After``.
+
+Interleaving, not batching rows: measured in docs/server.md.
+"""
+
+import json
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+from ..chat import ChatCache, commit_answer
+from ..chat_template import render
+from ..generate import stream_generate
+from .conversations import Conversations
+from .output import ChatOutput, StopStrings
+from .protocol import APIError, Request, Usage, envelope, new_id
+
+log = logging.getLogger("mlx_diffgemma.server")
+
+
+class Job:
+    """A request on its way through the worker."""
+
+    def __init__(self, request: Request):
+        self.request = request
+        self.events: "queue.Queue[tuple]" = queue.Queue()
+        self.cancelled = threading.Event()
+
+    def cancel(self):
+        self.cancelled.set()
+
+    def send(self, kind: str, payload: Any = None):
+        self.events.put((kind, payload))
+
+
+@dataclass
+class Settings:
+    model_id: str
+    max_concurrency: int = 8
+    queue_size: int = 32
+    sampler_defaults: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Row:
+    """One choice of the answer (a batch row)."""
+
+    stops: StopStrings
+    output: Optional[ChatOutput]
+    text: str = ""  # completions
+    message: Dict[str, Any] = field(default_factory=dict)  # chat: the fields so far
+    finish_reason: Optional[str] = None
+    generation_tokens: int = 0
+    tokens_per_forward: float = 0.0
+    started: bool = False  # chat streams: the role chunk was sent
+
+
+class Worker:
+    """Loads the model on its own thread (MLX streams belong to the thread that
+    made them) and runs every request there."""
+
+    def __init__(self, load: Callable[[], tuple], settings: Settings, conversations: Conversations):
+        self.load, self.settings, self.conversations = load, settings, conversations
+        self.model = self.tokenizer = None
+        self.pending: "queue.Queue[Job]" = queue.Queue(maxsize=settings.queue_size)
+        self.active: "deque[tuple]" = deque()
+        self.thread = threading.Thread(target=self._main, name="mlx-worker", daemon=True)
+        self._ready = threading.Event()
+        self._load_error: Optional[BaseException] = None
+
+    def start(self):
+        """Start the thread and wait for the model; a load error is raised here."""
+        self.thread.start()
+        self._ready.wait()
+        if self._load_error is not None:
+            raise self._load_error
+
+    def _main(self):
+        try:
+            self.model, self.tokenizer = self.load()
+        except BaseException as e:
+            self._load_error = e
+            return
+        finally:
+            self._ready.set()
+        self._loop()
+
+    def submit(self, job: Job):
+        try:
+            self.pending.put_nowait(job)
+        except queue.Full:
+            raise APIError(
+                503,
+                "the server is busy: too many requests in flight; retry later",
+                type="server_error",
+                code="server_busy",
+                headers={"Retry-After": "1"},
+            ) from None
+
+    # -- Scheduling -------------------------------------------------------------
+
+    def _admit(self):
+        while len(self.active) < self.settings.max_concurrency:
+            try:
+                job = self.pending.get(block=not self.active)
+            except queue.Empty:
+                return
+            if job.cancelled.is_set():
+                job.send("end")
+                continue
+            self.active.append((job, self._run(job)))
+
+    def _loop(self):
+        while True:
+            self._admit()
+            job, steps = self.active.popleft()
+            try:
+                while True:
+                    if job.cancelled.is_set():
+                        steps.close()
+                        job.send("end")
+                        break
+                    if next(steps):  # a canvas was committed: the next job's turn
+                        self.active.append((job, steps))
+                        break
+            except StopIteration:
+                job.send("end")
+            except Exception as e:  # never let one request stop the worker
+                log.exception("request failed")
+                job.send("error", APIError(500, f"internal error: {type(e).__name__}", type="server_error"))
+                job.send("end")
+
+    # -- One request ----------------------------------------------------------------
+
+    def _prompt(self, request: Request):
+        """(ids or text to encode, chat cache, ids of the whole prompt or None, cached count)."""
+        if request.kind == "completion":
+            return request.prompt, ChatCache(self.model.make_cache()), None, 0
+        full = render(self.tokenizer, request.messages, True, tools=request.tools, **request.template_kwargs)
+        taken = self.conversations.take(full) if request.n == 1 else None
+        if taken is None:
+            return full, ChatCache(self.model.make_cache()), full, 0
+        chat_cache, rest = taken
+        return rest, chat_cache, full, len(full) - len(rest)
+
+    def _run(self, job: Job) -> Iterator[bool]:
+        """The request as a generator the loop steps: True after each committed canvas."""
+        request = job.request
+        try:
+            prompt, chat_cache, full, cached = self._prompt(request)
+            params = dict(self.settings.sampler_defaults, **request.sampler)
+            rows = prompt if request.n == 1 else [prompt] * request.n
+            stream = stream_generate(
+                self.model,
+                self.tokenizer,
+                rows,
+                request.max_tokens,
+                seed=request.seed,
+                prompt_cache=chat_cache.cache if request.n == 1 else None,
+                **params,
+            )
+            first = next(stream)
+        except APIError as e:
+            job.send("error", e)
+            return
+        except (ValueError, TypeError) as e:
+            job.send("error", APIError(400, str(e).splitlines()[0]))
+            return
+        job.send("start")
+        yield False
+
+        chat = request.kind == "chat"
+        answer = [_Row(StopStrings(request.stop), ChatOutput() if chat else None) for _ in range(request.n)]
+        response_id, created = new_id(request.kind), int(time.time())
+        prompt_tokens = len(full) if full is not None else first.prompt_tokens
+        last, steps, finished = first, 0, 0
+        responses = _chain(first, stream)
+        for response in responses:
+            last = response
+            row = answer[response.row]
+            if row.finish_reason is not None:
+                continue
+            committed = bool(response.token_ids) or response.finish_reason is not None
+            if not committed:
+                if request.include_drafts:
+                    steps = response.max_denoising_steps - response.step + 1
+                    draft = {"text": response.draft, "canvas": response.canvas_index, "step": steps}
+                    job.send("chunk", self._chunk(request, response_id, created, response.row, {}, None, draft))
+                yield False
+                continue
+            row.generation_tokens = response.generation_tokens
+            row.tokens_per_forward = response.tokens_per_forward
+            final = response.finish_reason is not None
+            text = row.stops.feed(response.text, final=final)
+            if row.stops.stopped:
+                final = True
+            delta = self._delta(row, text, final)
+            if final:
+                row.finish_reason = (
+                    "tool_calls"
+                    if chat and row.output.tool_calls
+                    else ("stop" if row.stops.stopped else response.finish_reason)
+                )
+                finished += 1
+            if request.stream and (delta or final):
+                job.send(
+                    "chunk",
+                    self._chunk(request, response_id, created, response.row, delta, row.finish_reason),
+                )
+            if finished == request.n:
+                break
+            yield True
+        stream.close()
+
+        usage = Usage(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=sum(r.generation_tokens for r in answer),
+            cached_tokens=cached,
+            denoising_steps=last.denoising_steps,
+            tokens_per_forward=sum(r.tokens_per_forward for r in answer) / len(answer),
+        )
+        if request.stream:
+            if request.include_usage:
+                job.send(
+                    "chunk",
+                    dict(
+                        envelope(request, response_id, self.settings.model_id, created, True),
+                        choices=[],
+                        usage=usage.body(),
+                    ),
+                )
+        else:
+            job.send("response", self._response(request, response_id, created, answer, usage))
+
+        natural = not answer[0].stops.stopped and last.finish_reason is not None
+        if chat and request.n == 1 and natural:
+            # Keep the conversation encoded for the client's next turn.
+            commit_answer(self.model, self.tokenizer, chat_cache, last, len(request.messages) + 1)
+            message = dict(answer[0].message, role="assistant")
+            message.pop("reasoning_content", None)
+            if message.get("tool_calls"):
+                message["tool_calls"] = [
+                    {"id": c["id"], "type": "function", "function": dict(c["function"], arguments=_json(c))}
+                    for c in message["tool_calls"]
+                ]
+            rendered = render(
+                self.tokenizer,
+                request.messages + [message],
+                False,
+                tools=request.tools,
+                **request.template_kwargs,
+            )
+            self.conversations.put(rendered, chat_cache)
+
+    def _delta(self, row: _Row, text: str, final: bool) -> Dict[str, Any]:
+        if row.output is None:
+            row.text += text
+            return {"text": text} if text else {}
+        delta = row.output.feed(text)
+        if final:
+            for name, value in row.output.finish().items():
+                delta[name] = delta.get(name, "") + value
+        for name, value in delta.items():
+            if name == "tool_calls":
+                row.message.setdefault("tool_calls", []).extend(
+                    {k: v for k, v in call.items() if k != "index"} for call in value
+                )
+            else:
+                row.message[name] = row.message.get(name, "") + value
+        if not row.started:
+            row.started = True
+            delta = dict({"role": "assistant", "content": ""}, **delta)
+        return delta
+
+    def _chunk(self, request, response_id, created, index, delta, finish_reason, draft=None) -> dict:
+        body = envelope(request, response_id, self.settings.model_id, created, chunk=True)
+        if request.kind == "chat":
+            choice = {"index": index, "delta": delta, "finish_reason": finish_reason}
+        else:
+            choice = {"index": index, "text": delta.get("text", ""), "finish_reason": finish_reason, "logprobs": None}
+        if draft is not None:
+            choice["draft"] = draft  # the extension: stream_options.include_drafts
+        body["choices"] = [choice]
+        return body
+
+    def _response(self, request, response_id, created, answer: List[_Row], usage: Usage) -> dict:
+        body = envelope(request, response_id, self.settings.model_id, created)
+        if request.kind == "chat":
+            choices = []
+            for i, row in enumerate(answer):
+                message = {"role": "assistant", "content": row.message.get("content", "")}
+                if "reasoning_content" in row.message:
+                    message["reasoning_content"] = row.message["reasoning_content"]
+                if row.message.get("tool_calls"):
+                    message["tool_calls"] = row.message["tool_calls"]
+                    message["content"] = message["content"] or None
+                choices.append({"index": i, "message": message, "finish_reason": row.finish_reason})
+        else:
+            choices = [
+                {"index": i, "text": row.text, "finish_reason": row.finish_reason, "logprobs": None}
+                for i, row in enumerate(answer)
+            ]
+        return dict(body, choices=choices, usage=usage.body())
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
+
+
+def _json(call: Dict[str, Any]) -> Any:
+    """A tool call's arguments as the template takes them (an object)."""
+    return json.loads(call["function"]["arguments"])
