@@ -39,7 +39,7 @@ def problems(n: int):
     return [build.problem(rng)[0] for _ in range(n)]
 
 
-def serve(model: str, concurrency: int):
+def serve(model: str, concurrency: int, *extra: str):
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -57,6 +57,7 @@ def serve(model: str, concurrency: int):
             "64",
             "--prompt-cache-size",
             "0",
+            *extra,
         ],
         stdout=subprocess.PIPE,
         text=True,
