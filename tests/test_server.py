@@ -645,3 +645,46 @@ def test_the_page_shows_the_canvas_denoising(server, reference, tmp_path):
         assert f"tokens per forward: {want['tokens_per_forward']:.2f}" in stats
     finally:
         browser.quit()
+
+
+# -- The command line -----------------------------------------------------------------
+
+
+def _run_server(*args, timeout=60):
+    return subprocess.run(
+        [sys.executable, "-m", "mlx_diffgemma.server", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "/nonexistent/model"], "/nonexistent/model: no such model directory"),
+        (["--port", "70000"], "--port 70000: must be in 0..65535"),
+        (["--chat-template-args", "[1]"], "--chat-template-args"),
+        (["--max-request-bytes", "lots"], "--max-request-bytes"),
+    ],
+)
+def test_bad_flags_end_in_one_line(args, message):
+    r = _run_server(*args)
+    assert r.returncode != 0 and message in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_a_port_in_use_and_a_public_host(trained, server):
+    model_dir, adapter_dir = trained
+    port = server.url.rsplit(":", 1)[1]
+    r = _run_server("--model", str(model_dir), "--port", port)
+    assert r.returncode == 1 and f"--port {port}: cannot listen" in r.stderr and "Traceback" not in r.stderr
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlx_diffgemma.server", "--model", str(model_dir), "--host", "0.0.0.0", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert re.search(r"http://0\.0\.0\.0:\d+/", proc.stdout.readline())
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert "warning: listening on 0.0.0.0, reachable from other machines" in err and "no --api-key" in err

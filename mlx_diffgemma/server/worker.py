@@ -27,6 +27,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
+import jinja2
+
 from ..chat import ChatCache, commit_answer
 from ..chat_template import render
 from ..generate import stream_generate
@@ -184,6 +186,10 @@ class Worker:
             return
         except (ValueError, TypeError) as e:
             job.send("error", APIError(400, str(e).splitlines()[0]))
+            return
+        except jinja2.TemplateError as e:
+            # The checkpoint's template refuses some conversations (roles out of order, say).
+            job.send("error", APIError(400, f"the chat template rejected the conversation: {e}".splitlines()[0]))
             return
         job.send("start")
         yield False
