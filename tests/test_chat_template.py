@@ -2,20 +2,11 @@
 
 import pytest
 from tokenizer_fixture import SPECIAL_TOKENS, write_test_tokenizer
+from trained_checkpoint import TOOLS
 
 from mlx_diffgemma.chat_template import render
 from mlx_diffgemma.tokenizer import load_tokenizer
 
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "The weather in a city",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
-        },
-    }
-]
 CONVERSATION = [
     {"role": "system", "content": "You are a helpful assistant."},
     {"role": "user", "content": "Write a long essay about Portugal.  "},

@@ -521,16 +521,10 @@ def test_200_sequential_requests_keep_memory_flat(server):
     assert after < before * 1.05 + 20e6
 
 
-def _long_stream(server):
-    """A request that would run for a long time: an unknown prompt never settles."""
-    body = {
-        "model": MODEL_ID,
-        "prompt": "zq xv",
-        "max_tokens": 2048,
-        "stream": True,
-        "stream_options": {"include_drafts": True},
-        "seed": 0,
-    }
+def _long_stream(server, seed=0, started=True):
+    """A raw streaming request that would run for a long time (an unknown prompt
+    never settles); with ``started``, once the server has answered its headers."""
+    body = {"model": MODEL_ID, "prompt": "zq xv", "max_tokens": 2048, "stream": True, "seed": seed}
     sock = socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1])))
     data = json.dumps(body).encode()
     sock.sendall(
@@ -538,8 +532,9 @@ def _long_stream(server):
         + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(data)}\r\n\r\n".encode()
         + data
     )
-    head = sock.recv(65536)
-    assert head.startswith(b"HTTP/1.1 200"), head[:200]
+    if started:
+        head = sock.recv(65536)
+        assert head.startswith(b"HTTP/1.1 200"), head[:200]
     return sock
 
 
@@ -562,7 +557,7 @@ def test_a_dropped_client_stops_costing_work(single):
 def test_a_full_queue_answers_503(single):
     running = _long_stream(single)
     time.sleep(0.5)
-    waiting = _long_stream_pending(single)
+    waiting = _long_stream(single, seed=1, started=False)  # waits in the queue
     time.sleep(0.5)
     code, answer, headers = single.post("/v1/completions", {"prompt": "x", "max_tokens": 1})
     assert code == 503 and headers.get("Retry-After") and answer["error"]["code"] == "server_busy"
@@ -576,19 +571,6 @@ def test_a_full_queue_answers_503(single):
             break
         time.sleep(0.2)
     assert code == 200
-
-
-def _long_stream_pending(server):
-    """As _long_stream, but the request waits in the queue: no answer to read yet."""
-    body = {"model": MODEL_ID, "prompt": "zq xv", "max_tokens": 2048, "stream": True, "seed": 1}
-    sock = socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1])))
-    data = json.dumps(body).encode()
-    sock.sendall(
-        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(data)}\r\n\r\n".encode()
-        + data
-    )
-    return sock
 
 
 # -- The page, in a real browser ---------------------------------------------------------
