@@ -521,10 +521,19 @@ def test_200_sequential_requests_keep_memory_flat(server):
     assert after < before * 1.05 + 20e6
 
 
-def _long_stream(server, seed=0, started=True):
-    """A raw streaming request that would run for a long time (an unknown prompt
-    never settles); with ``started``, once the server has answered its headers."""
-    body = {"model": MODEL_ID, "prompt": "zq xv", "max_tokens": 2048, "stream": True, "seed": seed}
+def _long_stream(server, seed, started=True):
+    """A raw streaming request that runs for minutes whatever the model writes: its first
+    canvas may not stop before 100,000 steps. With ``started``, once the server has
+    answered its headers."""
+    body = {
+        "model": MODEL_ID,
+        "prompt": "zq xv",
+        "max_tokens": 16,
+        "max_denoising_steps": 100000,
+        "stability_threshold": 99999,
+        "stream": True,
+        "seed": seed,
+    }
     sock = socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1])))
     data = json.dumps(body).encode()
     sock.sendall(
@@ -543,21 +552,21 @@ def test_a_dropped_client_stops_costing_work(single):
     tic = time.perf_counter()
     client.completions.create(model=MODEL_ID, prompt="The fox", max_tokens=16, seed=0)
     alone = time.perf_counter() - tic
-    sock = _long_stream(single)  # the one generation slot is taken
+    sock = _long_stream(single, 0)  # the one generation slot is taken
     sock.close()
     tic = time.perf_counter()
     r = client.completions.create(model=MODEL_ID, prompt="The fox", max_tokens=16, seed=0)
     waited = time.perf_counter() - tic
     assert r.choices[0].finish_reason in ("stop", "length")
-    # The long one (128 canvases of up to 48 steps) would take minutes; the slot freed within a step.
+    # The long one would take minutes; the slot was freed within a step.
     print(f"short request alone {alone:.2f} s, after a dropped long one {waited:.2f} s")
     assert waited < alone + 10
 
 
 def test_a_full_queue_answers_503(single):
-    running = _long_stream(single)
+    running = _long_stream(single, 0)
     time.sleep(0.5)
-    waiting = _long_stream(single, seed=1, started=False)  # waits in the queue
+    waiting = _long_stream(single, 1, started=False)  # waits in the queue
     time.sleep(0.5)
     code, answer, headers = single.post("/v1/completions", {"prompt": "x", "max_tokens": 1})
     assert code == 503 and headers.get("Retry-After") and answer["error"]["code"] == "server_busy"
