@@ -247,14 +247,8 @@ def test_thinking_goes_to_reasoning_content(server, reference):
 def test_tool_call_comes_back_as_tool_calls(server, reference):
     messages, kwargs, _, _ = WEATHER
     client = server.client()
-    r = client.chat.completions.create(
-        model=MODEL_ID,
-        messages=messages,
-        tools=TOOLS,
-        max_tokens=64,
-        seed=0,
-        extra_body={"chat_template_kwargs": {"enable_thinking": True}},
-    )
+    params = dict(model=MODEL_ID, tools=TOOLS, seed=0, extra_body={"chat_template_kwargs": {"enable_thinking": True}})
+    r = client.chat.completions.create(messages=messages, max_tokens=64, **params)
     choice = r.choices[0]
     assert choice.finish_reason == "tool_calls"
     (call,) = choice.message.tool_calls
@@ -263,37 +257,27 @@ def test_tool_call_comes_back_as_tool_calls(server, reference):
     assert call.id.startswith("call_")
     assert choice.message.model_extra["reasoning_content"] == "The user wants the weather."
 
-    # The result goes back as a tool message and renders through the template.
-    follow_up = messages + [
-        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
-        {"role": "tool", "tool_call_id": call.id, "content": "sunny, 24 C"},
-    ]
-    arguments = {"city": "Lisbon"}
+    # The result goes back as a tool message and renders through the template,
+    # the call's JSON arguments as an object and its name found by tool_call_id.
+    result = {"role": "tool", "tool_call_id": call.id, "content": "sunny, 24 C"}
+    follow_up = messages + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]}, result]
+    as_template_sees_it = {
+        "id": call.id,
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": {"city": "Lisbon"}},
+    }
     rendered = chat_ids(
         reference,
         messages
         + [
-            {
-                "role": "assistant",
-                "content": None,
-                "tool_calls": [
-                    {"id": call.id, "type": "function", "function": {"name": "get_weather", "arguments": arguments}}
-                ],
-            },
+            {"role": "assistant", "content": None, "tool_calls": [as_template_sees_it]},
             {"role": "tool", "name": "get_weather", "content": "sunny, 24 C"},
         ],
         tools=TOOLS,
         enable_thinking=True,
     )
-    assert b"<|tool_response>response:get_weather" in reference[1].decode(rendered).encode()
-    second = client.chat.completions.create(
-        model=MODEL_ID,
-        messages=follow_up,
-        tools=TOOLS,
-        max_tokens=32,
-        seed=0,
-        extra_body={"chat_template_kwargs": {"enable_thinking": True}},
-    )
+    assert "<|tool_response>response:get_weather" in reference[1].decode(rendered)
+    second = client.chat.completions.create(messages=follow_up, max_tokens=32, **params)
     assert second.usage.prompt_tokens == len(rendered)
     assert second.choices[0].finish_reason in ("stop", "length", "tool_calls")
 

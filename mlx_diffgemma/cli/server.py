@@ -124,7 +124,6 @@ def run_server(args) -> int:
     )
     worker.start()
     config = Config(
-        model_id=args.model,
         default_max_tokens=args.max_tokens,
         template_defaults=dict(args.chat_template_args),
         api_key=args.api_key,

@@ -30,7 +30,8 @@ DRAIN_LIMIT = 64 * 1024 * 1024  # oversized bodies up to this are read (and drop
 
 @dataclass
 class Config:
-    model_id: str
+    """The HTTP side's settings (the model's id is the worker's)."""
+
     default_max_tokens: int = 512
     template_defaults: dict = field(default_factory=dict)
     api_key: Optional[str] = None
@@ -138,10 +139,10 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(200, page(), "text/html; charset=utf-8")
         if path == "/health":
             return self._json(200, {"status": "ok"})
-        if path in ("/v1/models", f"/v1/models/{self.config.model_id}"):
+        if path in ("/v1/models", f"/v1/models/{self.worker.settings.model_id}"):
             if not self._authorized():
                 return self._unauthorized()
-            card = {"id": self.config.model_id, "object": "model", "created": 0, "owned_by": "mlx_diffgemma"}
+            card = {"id": self.worker.settings.model_id, "object": "model", "created": 0, "owned_by": "mlx_diffgemma"}
             return self._json(200, card if path != "/v1/models" else {"object": "list", "data": [card]})
         self._error(APIError(404, f"no route {path}", code="not_found"))
 
@@ -155,10 +156,10 @@ class Handler(BaseHTTPRequestHandler):
                 return self._unauthorized()
             body = self._body()
             request = parse_request(kinds[path], body, self.config.default_max_tokens, self.config.template_defaults)
-            if request.model is not None and request.model != self.config.model_id:
+            if request.model is not None and request.model != self.worker.settings.model_id:
                 raise APIError(
                     404,
-                    f"model {request.model!r} is not served here; this server serves {self.config.model_id!r}",
+                    f"model {request.model!r} is not served here; this server serves {self.worker.settings.model_id!r}",
                     param="model",
                     code="model_not_found",
                 )

@@ -3,9 +3,9 @@
 ``parse_request`` checks a decoded JSON body field by field and returns a
 ``Request``, or raises ``APIError`` naming the field. Everything a client
 sends is untrusted: types, ranges and sizes are checked here, before any work.
-Fields of OpenAI's API that do not apply to a diffusion sampler (``IGNORED``)
-are accepted and ignored; fields neither OpenAI's nor ours are ignored too, as
-OpenAI-compatible servers do, so clients that send extras keep working.
+Fields of OpenAI's API that do not apply to a diffusion sampler (``temperature``,
+``top_p``, penalties: docs/server.md lists them) are accepted and ignored, as are
+fields neither OpenAI's nor ours, so clients that send extras keep working.
 """
 
 import json
@@ -18,26 +18,6 @@ from ..chat_template import TEMPLATE_ARGUMENTS
 from ..generate import SAMPLER_SETTINGS, check_seed, check_setting
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
-# OpenAI's sampling fields: this sampler has its own (SAMPLER_SETTINGS).
-IGNORED = (
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "frequency_penalty",
-    "presence_penalty",
-    "repetition_penalty",
-    "logit_bias",
-    "logprobs",
-    "top_logprobs",
-    "best_of",
-    "echo",
-    "suffix",
-    "user",
-    "tool_choice",
-    "parallel_tool_calls",
-    "response_format",
-)
 MAX_STOP = 4  # as OpenAI
 MAX_N = 16
 

@@ -18,6 +18,7 @@ refuses with 503 and ``Retry-After``.
 Interleaving, not batching rows: measured in docs/server.md.
 """
 
+import itertools
 import json
 import logging
 import queue
@@ -154,11 +155,14 @@ class Worker:
     # -- One request ----------------------------------------------------------------
 
     def _prompt(self, request: Request):
-        """(ids or text to encode, chat cache, ids of the whole prompt or None, cached count)."""
+        """(ids or text to encode, the chat cache to encode them into or None,
+        ids of the whole prompt or None, how many of those are cached)."""
         if request.kind == "completion":
-            return request.prompt, ChatCache(self.model.make_cache()), None, 0
+            return request.prompt, None, None, 0
         full = render(self.tokenizer, request.messages, True, tools=request.tools, **request.template_kwargs)
-        taken = self.conversations.take(full) if request.n == 1 else None
+        if request.n > 1:  # rows of one batch: a fresh batch cache, nothing kept
+            return full, None, full, 0
+        taken = self.conversations.take(full)
         if taken is None:
             return full, ChatCache(self.model.make_cache()), full, 0
         chat_cache, rest = taken
@@ -169,17 +173,16 @@ class Worker:
         request = job.request
         try:
             prompt, chat_cache, full, cached = self._prompt(request)
-            params = dict(self.settings.sampler_defaults, **request.sampler)
-            rows = prompt if request.n == 1 else [prompt] * request.n
             stream = stream_generate(
                 self.model,
                 self.tokenizer,
-                rows,
+                prompt if request.n == 1 else [prompt] * request.n,
                 request.max_tokens,
                 seed=request.seed,
-                prompt_cache=chat_cache.cache if request.n == 1 else None,
-                **params,
+                prompt_cache=None if chat_cache is None else chat_cache.cache,
+                **dict(self.settings.sampler_defaults, **request.sampler),
             )
+            # Errors the prompt can cause (too long for the context) come with the first step.
             first = next(stream)
         except APIError as e:
             job.send("error", e)
@@ -198,9 +201,8 @@ class Worker:
         answer = [_Row(StopStrings(request.stop), ChatOutput() if chat else None) for _ in range(request.n)]
         response_id, created = new_id(request.kind), int(time.time())
         prompt_tokens = len(full) if full is not None else first.prompt_tokens
-        last, steps, finished = first, 0, 0
-        responses = _chain(first, stream)
-        for response in responses:
+        last, finished = first, 0
+        for response in itertools.chain([first], stream):
             last = response
             row = answer[response.row]
             if row.finish_reason is not None:
@@ -258,7 +260,7 @@ class Worker:
             job.send("response", self._response(request, response_id, created, answer, usage))
 
         natural = not answer[0].stops.stopped and last.finish_reason is not None
-        if chat and request.n == 1 and natural:
+        if chat_cache is not None and natural:
             # Keep the conversation encoded for the client's next turn.
             commit_answer(self.model, self.tokenizer, chat_cache, last, len(request.messages) + 1)
             message = dict(answer[0].message, role="assistant")
@@ -326,11 +328,6 @@ class Worker:
                 for i, row in enumerate(answer)
             ]
         return dict(body, choices=choices, usage=usage.body())
-
-
-def _chain(first, rest):
-    yield first
-    yield from rest
 
 
 def _json(call: Dict[str, Any]) -> Any:
