@@ -59,6 +59,14 @@ class LayerCache:
     def state(self):
         return self.keys, self.values
 
+    def repeat(self, batch: int) -> "LayerCache":
+        """This one-row cache as ``batch`` identical rows."""
+        other = self.copy()
+        if self.keys is not None:
+            other.keys = mx.repeat(self.keys, batch, axis=0)
+            other.values = mx.repeat(self.values, batch, axis=0)
+        return other
+
     def copy(self) -> "LayerCache":
         """This cache as it is now; appends to either leave the other unchanged."""
         other = LayerCache(self.keep)
@@ -90,6 +98,13 @@ class PromptCache(list):
         other = PromptCache([c.copy() for c in self])
         other.left_padding = self.left_padding
         return other
+
+    def repeat(self, batch: int) -> "PromptCache":
+        """A one-row cache as ``batch`` identical rows: a prompt encoded once
+        for rows that go on differently (infilling's candidate lengths)."""
+        if self.left_padding is not None or (self[0].keys is not None and self[0].keys.shape[0] != 1):
+            raise ValueError("only a one-row cache without padding can be repeated")
+        return PromptCache([c.repeat(batch) for c in self])
 
     @property
     def nbytes(self) -> int:

@@ -101,6 +101,11 @@ def _escape_all(value, markers: _Markers):
     return value
 
 
+def plain_ids(tokenizer, text: str) -> List[int]:
+    """``text``'s ids with every spelling of a control token read as text."""
+    return _markers(tokenizer)._encode(text)
+
+
 def render(
     tokenizer,
     messages: List[Dict[str, Any]],

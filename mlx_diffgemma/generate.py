@@ -239,7 +239,7 @@ def _denoise_rows(processed: mx.array, entropy_bound: float, keys: List[mx.array
         sampler.denoise_step_update(processed[r : r + 1], entropy_bound, k, None if fixed is None else fixed.row(r))
         for r, k in enumerate(keys)
     ]
-    return sampler.DenoiseStep(*(mx.concatenate(parts) for parts in zip(*rows)))
+    return sampler.DenoiseStep(*(None if parts[0] is None else mx.concatenate(parts) for parts in zip(*rows)))
 
 
 # -- The canvas loop ----------------------------------------------------------
@@ -262,6 +262,9 @@ class DenoisingStep:
     mean_entropy: List[float]  # per row: the stop check's confidence measure
     stopped: List[bool]  # rows whose canvas has stopped, at this step or before
     denoised: List[bool]  # rows this step counted as a forward pass for
+    # [B, C] float32: log-probability the step gives each fixed position's
+    # token (0 elsewhere); None on canvases without fixed positions.
+    fixed_logprob: Optional[mx.array] = None
 
 
 @dataclass
@@ -317,6 +320,7 @@ def _queue(result):
         state.stopped,
         update.entropy,
         update.accepted,
+        update.fixed_logprob,
         mean_entropy,
     )
     return state, update, mean_entropy
@@ -402,6 +406,7 @@ def generate_step(
                 mean_entropy,
                 new_stopped,
                 denoised,
+                update.fixed_logprob,
             )
             done = all(resting) or step == 1
             if ahead is not None and (done or new_stopped != stopped):
@@ -496,8 +501,10 @@ class GenerationResponse:
 PROMPT_TYPES = "a string, a list of token ids, or a list of those"
 
 
-def _as_batch(tokenizer, prompt, vocab_size: int) -> List[List[int]]:
-    """A prompt (text or ids) or a list of prompts -> list of id lists."""
+def _as_batch(tokenizer, prompt, vocab_size: int, what: str = "prompt") -> List[List[int]]:
+    """A prompt (text or ids) or a list of prompts -> list of id lists.
+
+    ``what`` names the argument in errors."""
     if isinstance(prompt, mx.array):
         prompt = prompt.tolist()
     if isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and _all_ids(prompt)):
@@ -505,12 +512,12 @@ def _as_batch(tokenizer, prompt, vocab_size: int) -> List[List[int]]:
     elif isinstance(prompt, (list, tuple)):
         rows, batched = list(prompt), True
     else:
-        raise TypeError(f"prompt must be {PROMPT_TYPES} (got {type(prompt).__name__})")
+        raise TypeError(f"{what} must be {PROMPT_TYPES} (got {type(prompt).__name__})")
     if not rows:
-        raise ValueError("prompt is empty")
+        raise ValueError(f"{what} is empty")
     batch = []
     for r, p in enumerate(rows):
-        name = f"prompt {r}" if batched else "prompt"
+        name = f"{what} {r}" if batched else what
         if isinstance(p, str):
             if tokenizer is None:
                 raise ValueError(f"{name} is text but the model has no tokenizer; pass token ids")

@@ -28,6 +28,7 @@ from typing import Optional
 RESET = "\x1b[0m"
 DIM = "\x1b[2m"
 DRAFT = "\x1b[2;36m"  # dim cyan: a draft, told apart from (dim) thoughts
+FIXED = "\x1b[33m"  # yellow: known text held fixed beside a draft (infilling, editing)
 CLEAR_TO_END_OF_LINE = "\x1b[K"
 CLEAR_LINE = "\x1b[2K"
 CURSOR_DOWN = "\x1b[1B"
@@ -113,6 +114,10 @@ class PlainView:
     escape codes are written. Unstyled (a pipe): the text is written as is.
     """
 
+    # Whether ``finish`` ends the output with a newline; off where the output
+    # must be exactly the text written (an edited file).
+    final_newline = True
+
     def __init__(self, stream=None, styled: bool = False):
         self.stream = stream or sys.stdout
         self.styled = styled
@@ -131,9 +136,13 @@ class PlainView:
     def draft(self, text: str, status: str = ""):
         """The canvas being denoised: not shown."""
 
+    def draft_parts(self, parts, status: str = ""):
+        """A canvas of (text, fixed) runs, fixed text told apart: not shown."""
+
     def finish(self):
         """End the generation's output with a newline."""
-        self._emit("\n")
+        if self.final_newline:
+            self._emit("\n")
 
     def _emit(self, text: str):
         self.stream.write(text)
@@ -188,6 +197,11 @@ class LiveView(PlainView):
         return time.monotonic() - self.last_draw >= self.min_interval
 
     def draft(self, text: str, status: str = ""):
+        self.draft_parts([(text, False)], status)
+
+    def draft_parts(self, parts, status: str = ""):
+        """The draft as runs of (text, fixed): drafted text dim cyan, fixed
+        text (infilling's suffix, the text around an edit) in ``FIXED``."""
         if not self.wants_draft():
             return
         self.last_draw = time.monotonic()
@@ -204,10 +218,16 @@ class LiveView(PlainView):
             self.column, self.wrapped = 0, True
         # Keep the draft and its status line (if there is room) on the screen.
         status = status[: width - 1] if height > 1 else ""
-        text = expand_tabs(printable(text), self.column, width)
-        text = fit(text, self.column, width, max(height - 1 - bool(status), 0))
-        rows, _ = advance(self.column, text, width)
-        out += DRAFT + text + RESET
+        room = max(height - 1 - bool(status), 0)
+        rows, column = 0, self.column
+        for text, fixed in parts:
+            text = expand_tabs(printable(text), column, width)
+            shown = fit(text, column, width, room - rows)
+            down, column = advance(column, shown, width)
+            rows += down
+            out += (FIXED if fixed else DRAFT) + shown + RESET
+            if shown != text:
+                break
         if status:
             out += "\n" + DIM + status + RESET
             rows += 1
@@ -216,7 +236,7 @@ class LiveView(PlainView):
 
     def finish(self):
         out = self._erase()
-        if not self.wrapped:
+        if not self.wrapped and self.final_newline:
             out += "\n"
         if self.cursor_hidden:
             out += SHOW_CURSOR

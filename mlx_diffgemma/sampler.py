@@ -46,6 +46,11 @@ class Distribution(NamedTuple):
     def probs(self) -> mx.array:
         return self.weights / self.total
 
+    def log_prob(self, tokens: mx.array) -> mx.array:
+        """log p(token) at each position, for ``tokens`` shaped like the positions."""
+        picked = mx.take_along_axis(self.shifted, tokens[..., None].astype(mx.int32), axis=-1)
+        return (picked - mx.log(self.total))[..., 0]
+
     @property
     def entropy(self) -> mx.array:
         # H = log Z - sum(w * s) / Z with s = x - max(x): both terms are >= 0,
@@ -133,6 +138,10 @@ class DenoiseStep(NamedTuple):
     entropy: mx.array  # [B, C] float32, reused by the stop check
     accepted: mx.array  # [B, C] bool
     probs: mx.array  # [B, C, V] float32 softmax of the processed logits
+    # [B, C] float32: log-probability of each fixed position's token under the
+    # processed logits (0 elsewhere); None without fixed positions. How much
+    # the model agrees with the given text: infilling ranks gap lengths by it.
+    fixed_logprob: Optional[mx.array] = None
 
 
 class FixedPositions(NamedTuple):
@@ -177,12 +186,14 @@ def denoise_step_update(
     sampled = sample_from(dist, sample_key)
     next_canvas = renoise(sampled, accepted, processed_logits.shape[-1], noise_key)
     argmax = argmax_tokens(processed_logits)
+    fixed_logprob = None
     if fixed is not None:
         tokens = fixed.tokens.astype(TOKEN_DTYPE)
         accepted = accepted | fixed.mask
         next_canvas = mx.where(fixed.mask, tokens, next_canvas)
         argmax = mx.where(fixed.mask, tokens, argmax)
-    return DenoiseStep(next_canvas, argmax, entropy, accepted, dist.probs)
+        fixed_logprob = mx.where(fixed.mask, dist.log_prob(tokens), 0.0)
+    return DenoiseStep(next_canvas, argmax, entropy, accepted, dist.probs, fixed_logprob)
 
 
 def hold_finished_rows(finished: mx.array, previous: mx.array, updated: mx.array) -> mx.array:

@@ -479,6 +479,9 @@ def replay(events, width, height):
         for kind, text in events:
             if kind == "commit":
                 view.write(text)
+            elif kind == "parts":  # a gap's draft beside fixed text, as infilling shows it
+                half = len(text) // 2
+                view.draft_parts([(text[:half], False), (text[half:], True)], "canvas 1, step 1/9")
             else:
                 view.draft(text, "canvas 1, step 1/9")
     shown = Terminal(width, height)
@@ -506,7 +509,7 @@ def test_live_view_leaves_the_committed_text_on_a_terminal():
 
 @given(
     events=st.lists(
-        st.tuples(st.sampled_from(["commit", "draft"]), st.text("ab \n\t\u4e2d", max_size=40)),
+        st.tuples(st.sampled_from(["commit", "draft", "parts"]), st.text("ab \n\t\u4e2d", max_size=40)),
         max_size=12,
     ),
     width=st.integers(4, 16),
@@ -516,6 +519,21 @@ def test_live_view_leaves_the_committed_text_on_a_terminal():
 def test_live_view_leaves_the_committed_text_whatever_the_drafts(events, width, height):
     shown, plain = replay(events, width, height)
     assert shown == plain
+
+
+def test_live_view_tells_fixed_text_from_the_draft():
+    out = io.StringIO()
+    view = live.LiveView(out, min_interval=0, terminal_size=lambda: (40, 6))
+    with view:
+        view.write("def f(x):")
+        view.draft_parts([("gap", False), ("return y", True), ("more gap", False)], "canvas 1, step 1/3")
+        view.write(" y = x")
+    text = out.getvalue()
+    assert live.DRAFT + "gap" + live.RESET + live.FIXED + "return y" + live.RESET + live.DRAFT + "more gap" in text
+    # The draft goes; the committed text stays.
+    shown = Terminal(40, 6)
+    shown.feed(text)
+    assert shown.text() == ["def f(x): y = x"]
 
 
 def test_plain_view_writes_the_text_as_is():

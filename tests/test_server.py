@@ -24,6 +24,7 @@ from trained_checkpoint import CONVERSATIONS, TOOLS, build_trained_checkpoint
 from mlx_diffgemma import load
 from mlx_diffgemma.chat_template import render
 from mlx_diffgemma.generate import stream_generate
+from mlx_diffgemma.infill import edit, last, stream_infill
 from mlx_diffgemma.server.output import ChatOutput
 from mlx_diffgemma.thinking import split_thinking
 
@@ -214,6 +215,151 @@ def test_stop_strings_cut_the_answer(server, reference):
     r = server.client().chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=64, seed=0, stop=[stop])
     assert r.choices[0].message.content == full[: full.index(stop)].strip()
     assert r.choices[0].finish_reason == "stop"
+
+
+# -- Infill and edit -----------------------------------------------------------------
+
+
+def sse(server, path, body):
+    """A streamed answer's events, parsed (a raw HTTP client, as editor plugins use)."""
+    request = urllib.request.Request(server.url + path, data=json.dumps(body).encode(), method="POST")
+    request.add_header("Content-Type", "application/json")
+    request.add_header("Authorization", f"Bearer {KEY}")
+    with urllib.request.urlopen(request, timeout=60) as r:
+        lines = r.read().decode().split("\n\n")
+    events = [line.removeprefix("data: ") for line in lines if line]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+def hi_infill(reference):
+    """Text around a gap in the "hi" answer: the prompt as text and the answer's head, and its tail."""
+    messages, _, _, _ = HI
+    tokenizer = reference[1]
+    prompt = tokenizer.decode(chat_ids(reference, messages))
+    answer = "Hello! How can I help you today?"
+    return prompt + answer[:7], answer[16:] + "<turn|>"
+
+
+def test_completions_with_a_suffix_equal_infill(server, reference):
+    """OpenAI's insert mode: the text between prompt and suffix, as stream_infill writes it."""
+    model, tokenizer = reference
+    prefix, suffix = hi_infill(reference)
+    want = last(stream_infill(model, tokenizer, prefix, suffix, seed=4, max_tokens=64))
+    client = server.client()
+    r = client.completions.create(model=MODEL_ID, prompt=prefix, suffix=suffix, max_tokens=64, seed=4)
+    assert r.choices[0].text == want.text and r.choices[0].finish_reason == "stop"
+    assert r.choices[0].model_extra["infill_length"] == want.length
+    assert r.usage.completion_tokens == want.length
+    assert r.usage.model_extra["denoising_steps"] == want.denoising_steps
+    stream = client.completions.create(
+        model=MODEL_ID,
+        prompt=prefix,
+        suffix=suffix,
+        max_tokens=64,
+        seed=4,
+        stream=True,
+        stream_options={"include_drafts": True},
+    )
+    chunks = list(stream)
+    drafts = [c.choices[0].model_extra["draft"] for c in chunks if "draft" in c.choices[0].model_extra]
+    assert len(drafts) == want.denoising_steps and drafts[-1]["text"] == want.text
+    assert "".join(c.choices[0].text for c in chunks) == want.text
+    # A given length.
+    given = last(stream_infill(model, tokenizer, prefix, suffix, 5, seed=1))
+    r = client.completions.create(model=MODEL_ID, prompt=prefix, suffix=suffix, seed=1, extra_body={"infill_length": 5})
+    assert r.choices[0].text == given.text and r.choices[0].model_extra["infill_length"] == 5
+
+
+def test_infill_route_takes_what_llama_cpp_plugins_send(server, reference):
+    model, tokenizer = reference
+    prefix, suffix = hi_infill(reference)
+    prefix_ids = [tokenizer.bos_token_id] + list(
+        tokenizer.encode(prefix.removeprefix("<bos>"), add_special_tokens=False)
+    )
+    want = last(stream_infill(model, tokenizer, prefix_ids, suffix, seed=2, max_tokens=32))
+    body = {
+        "input_prefix": prefix.removeprefix("<bos>")[:-3],
+        "prompt": prefix[-3:],
+        "input_suffix": suffix,
+        "n_predict": 32,
+        "seed": 2,
+    }
+    code, answer, _ = server.post("/infill", body)
+    assert code == 200
+    assert answer["content"] == want.text and answer["stop"] is True
+    assert answer["tokens_predicted"] == want.length and answer["tokens_evaluated"] == len(prefix_ids)
+    events = sse(server, "/infill", dict(body, stream=True))
+    assert "".join(e["content"] for e in events) == want.text
+    assert [e["stop"] for e in events] == [False, True]
+    # Extra context chunks go before the prefix.
+    extra = [{"filename": "notes.txt", "text": "x"}]
+    code, answer, _ = server.post("/infill", dict(body, input_extra=extra))
+    ids = [tokenizer.bos_token_id] + list(
+        tokenizer.encode("notes.txt\nx" + prefix.removeprefix("<bos>"), add_special_tokens=False)
+    )
+    assert (
+        code == 200
+        and answer["content"] == last(stream_infill(model, tokenizer, ids, suffix, seed=2, max_tokens=32)).text
+    )
+
+
+def test_edit_route_equals_edit(server, reference):
+    model, tokenizer = reference
+    messages, _, _, _ = HI
+    text = "Hello! How can I help you today?"
+    want = edit(model, tokenizer, text, [(7, 10), (20, 24)], messages[-1]["content"], seed=3)
+    body = {"text": text, "spans": [[7, 10], [20, 24]], "instruction": messages[-1]["content"], "seed": 3}
+    code, answer, _ = server.post("/edit", body)
+    assert code == 200
+    assert answer["text"] == want.text and [tuple(s) for s in answer["spans"]] == want.spans
+    events = sse(server, "/edit", dict(body, stream=True))
+    assert events[-1]["text"] == want.text
+
+
+FILL_BAD = [
+    ("/infill", {"input_prefix": "", "input_suffix": ""}, "input_prefix", "both empty"),
+    ("/infill", {"input_prefix": 3}, "input_prefix", "must be a string"),
+    ("/infill", {"input_prefix": "a", "input_extra": [{"text": 5}]}, "input_extra", "'text' string"),
+    ("/infill", {"input_prefix": "a", "input_suffix": "b", "infill_length": 0}, "infill_length", "at least 1"),
+    (
+        "/infill",
+        {"input_prefix": "a", "input_suffix": "b", "infill_length": 9, "n_predict": 4},
+        "infill_length",
+        "token limit",
+    ),
+    ("/v1/completions", {"prompt": "a", "infill_length": 3}, "infill_length", "needs a 'suffix'"),
+    ("/v1/completions", {"prompt": "a", "suffix": 3}, "suffix", "must be a string"),
+    ("/v1/completions", {"prompt": "a", "suffix": "b", "n": 2}, "n", "not supported"),
+    ("/edit", {"spans": [[0, 1]]}, "text", "'text' is required"),
+    ("/edit", {"text": "abc"}, "spans", "non-empty array"),
+    ("/edit", {"text": "abc", "spans": [[0, "1"]]}, "spans", "two integers"),
+    ("/edit", {"text": "abc", "spans": [[1, 9]]}, "spans", "outside the text of 3 characters"),
+    ("/edit", {"text": "abcdef", "spans": [[0, 3], [2, 5]]}, "spans", "overlap"),
+    ("/edit", {"text": "abcdef", "spans": [[2, 2]]}, "spans", "empty"),
+]
+
+
+@pytest.mark.parametrize("path, body, param, message", FILL_BAD, ids=[f"{b[0]} {b[3]}" for b in FILL_BAD])
+def test_bad_infill_and_edit_requests(server, path, body, param, message):
+    code, answer, _ = server.post(path, body)
+    assert code == 400
+    assert message in answer["error"]["message"] and "\n" not in answer["error"]["message"]
+    assert answer["error"]["param"] == param
+
+
+def test_a_suffix_longer_than_the_context(server, reference):
+    tokenizer = reference[1]
+    suffix = "7;" * 12000
+    context = reference[0].args.max_position_embeddings
+    assert len(tokenizer.encode(suffix, add_special_tokens=False)) > context
+    for path, body in (
+        ("/infill", {"input_prefix": "a", "input_suffix": suffix}),
+        ("/v1/completions", {"prompt": "a", "suffix": suffix}),
+    ):
+        code, answer, _ = server.post(path, body)
+        assert code == 400, path
+        assert f"more than the model's context of {context}" in answer["error"]["message"]
 
 
 # -- Thinking, tools, drafts --------------------------------------------------------

@@ -3,8 +3,9 @@
 import argparse
 
 from .. import cli
-from ..chat_template import render
+from ..chat_template import plain_ids, render
 from ..generate import Progress, SamplerParams, print_stats, stream_generate
+from ..infill import end_of_turn, stream_infill
 
 DEFAULT_PROMPT = "hello"
 DEFAULT_MAX_TOKENS = 256
@@ -18,6 +19,8 @@ examples:
   mlx_diffgemma.generate --prompt "Write a haiku about the sea."
   cat notes.txt | mlx_diffgemma.generate --prompt - --max-tokens 1024
   mlx_diffgemma.generate --model diffusiongemma-26B-A4B-it-4bit --verbose
+  mlx_diffgemma.generate --ignore-chat-template --prompt "def area(r):\n" \
+      --suffix "\n    return a\n"    # infill: the text between prompt and suffix
 
 The default model is downloaded on first use (51.6 GB in bf16). If it does not
 fit in this machine's memory, convert a 4-bit copy first:
@@ -45,6 +48,18 @@ def setup_arg_parser():
     )
     cli.add_chat_template_argument(parser)
     parser.add_argument(
+        "--suffix",
+        metavar="TEXT",
+        help="Infill: write the text that goes between the prompt and this text ('-' reads stdin). "
+        "With the chat template, the answer is to end with it.",
+    )
+    parser.add_argument(
+        "--infill-length",
+        type=cli.positive_int,
+        metavar="N",
+        help="Infill: the gap's length in tokens (default: chosen automatically, up to a canvas).",
+    )
+    parser.add_argument(
         "--enable-thinking",
         action="store_true",
         help="Let the model think before answering (its thought comes first in the output).",
@@ -59,11 +74,22 @@ def main():
     cli.run(lambda: run_generate(args))
 
 
+def command_text(text: str) -> str:
+    """A text flag's value: \\n and \\t as mlx_lm.generate reads them, '-' from stdin."""
+    text = text.replace("\\n", "\n").replace("\\t", "\t")
+    return cli.valid_text(cli.stdin().read() if text == "-" else text)
+
+
 def run_generate(args):
-    prompt = args.prompt.replace("\\n", "\n").replace("\\t", "\t")
-    prompt = cli.valid_text(cli.stdin().read() if prompt == "-" else prompt)
+    if args.prompt == "-" and args.suffix == "-":
+        raise ValueError("--prompt and --suffix cannot both read stdin")
+    if args.infill_length is not None and args.suffix is None:
+        raise ValueError("--infill-length needs --suffix")
+    prompt = command_text(args.prompt)
+    suffix = None if args.suffix is None else command_text(args.suffix)
     model, tokenizer = cli.load_for_generation(args.model, args.adapter_path)
-    if not args.ignore_chat_template and tokenizer.has_chat_template:
+    chat = not args.ignore_chat_template and tokenizer.has_chat_template
+    if chat:
         messages = [{"role": "user", "content": prompt}]
         if args.system_prompt is not None:
             messages.insert(0, {"role": "system", "content": args.system_prompt})
@@ -74,6 +100,10 @@ def run_generate(args):
 
     params = cli.sampler_params(args)
     SamplerParams.resolve(model, **params)  # bad settings fail before the view opens
+    if suffix is not None:
+        # With the template the suffix is the end of the answer: plain text, then the turn's end.
+        suffix = plain_ids(tokenizer, suffix) + end_of_turn(tokenizer) if chat else suffix
+        return run_infill(args, model, tokenizer, prompt, suffix, params)
     progress = Progress()
     view = cli.make_view(args)
     last = None
@@ -86,6 +116,29 @@ def run_generate(args):
                 view.draft(last.draft, progress.status(last))
     if args.verbose:
         print_stats(last, progress)
+
+
+def run_infill(args, model, tokenizer, prefix, suffix, params):
+    """--suffix: the middle, with the live canvas showing the gap beside the fixed suffix."""
+    view = cli.make_view(args)
+    last = None
+    with view:
+        for last in stream_infill(
+            model, tokenizer, prefix, suffix, args.infill_length, args.seed, args.max_tokens, **params
+        ):
+            if last.finished:
+                view.write(last.text)
+            elif view.wants_draft():
+                status = f"canvas {last.window + 1}, step {last.max_denoising_steps - last.step + 1}"
+                if args.infill_length is None and last.scores:
+                    status += f", best length so far {last.length} of {len(last.scores)} tried"
+                view.draft_parts(last.draft_parts(), status)
+    if args.verbose:
+        print("=" * 10)
+        print(f"Prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.3f} tokens-per-sec")
+        print(f"Infill: {last.length} tokens" + (" (chosen automatically)" if args.infill_length is None else ""))
+        print(f"Denoising steps: {last.denoising_steps}")
+        print(f"Peak memory: {last.peak_memory:.3f} GB", flush=True)
 
 
 if __name__ == "__main__":

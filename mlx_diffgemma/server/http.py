@@ -148,7 +148,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         path = self.path.split("?", 1)[0]
-        kinds = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
+        kinds = {"/v1/chat/completions": "chat", "/v1/completions": "completion", "/infill": "infill", "/edit": "edit"}
         try:
             if path not in kinds:
                 raise APIError(404, f"no route {path}", code="not_found")

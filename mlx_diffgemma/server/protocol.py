@@ -12,10 +12,11 @@ import json
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 from ..chat_template import TEMPLATE_ARGUMENTS
 from ..generate import SAMPLER_SETTINGS, check_seed, check_setting
+from ..infill import check_spans
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOP = 4  # as OpenAI
@@ -48,9 +49,10 @@ def bad(message: str, param: Optional[str] = None) -> APIError:
 
 @dataclass
 class Request:
-    """A checked request. ``messages`` for chat, ``prompt`` for completions."""
+    """A checked request. ``messages`` for chat, ``prompt`` for completions
+    and infill (the prefix), ``text`` and ``spans`` for edit."""
 
-    kind: str  # "chat" or "completion"
+    kind: str  # "chat", "completion", "infill" or "edit"
     model: Optional[str]
     max_tokens: int
     messages: Optional[List[Dict[str, Any]]] = None
@@ -64,6 +66,16 @@ class Request:
     tools: Optional[List[Dict[str, Any]]] = None
     template_kwargs: Dict[str, Any] = field(default_factory=dict)
     sampler: Dict[str, Any] = field(default_factory=dict)
+    suffix: Optional[str] = None  # completions' insert mode, and infill
+    infill_length: Optional[int] = None  # None: chosen automatically
+    text: Optional[str] = None  # edit
+    spans: Optional[List[Tuple[int, int]]] = None  # edit
+    instruction: Optional[str] = None  # edit
+
+    @property
+    def fills(self) -> bool:
+        """Written between known text (infill, edit, completions with a suffix)."""
+        return self.kind in ("infill", "edit") or self.suffix is not None
 
 
 def _type_name(value) -> str:
@@ -209,12 +221,47 @@ def _prompt(value) -> Union[str, List[int]]:
     raise bad("'prompt' must be a string or an array of token ids (one prompt; use 'n' for several)", "prompt")
 
 
+def _infill_prefix(body: dict) -> str:
+    """llama.cpp's /infill prefix: the extra context chunks, ``input_prefix``,
+    then ``prompt`` (the start of the middle, already typed)."""
+    extra = _get(body, "input_extra", list, 'an array of {"filename", "text"} objects', [])
+    chunks = []
+    for i, chunk in enumerate(extra):
+        if not isinstance(chunk, dict) or not isinstance(chunk.get("text", ""), str):
+            raise bad(f"'input_extra[{i}]' must be an object with a 'text' string", "input_extra")
+        name = chunk.get("filename")
+        if name is not None and not isinstance(name, str):
+            raise bad(f"'input_extra[{i}].filename' must be a string", "input_extra")
+        chunks.append((name + "\n" if name else "") + chunk.get("text", ""))
+    prefix = _get(body, "input_prefix", str, "a string", "")
+    return "".join(chunks) + prefix + _get(body, "prompt", str, "a string", "")
+
+
+def _spans(value) -> List[Tuple[int, int]]:
+    if not isinstance(value, list) or not value:
+        raise bad("'spans' must be a non-empty array of [start, end] character offsets", "spans")
+    spans = []
+    for i, span in enumerate(value):
+        if (
+            not isinstance(span, list)
+            or len(span) != 2
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in span)
+        ):
+            raise bad(f"'spans[{i}]' must be [start, end], two integers (got {json.dumps(span)[:40]})", "spans")
+        spans.append((span[0], span[1]))
+    return spans
+
+
 def parse_request(kind: str, body: Any, default_max_tokens: int, template_defaults: Dict[str, Any]) -> Request:
     """A checked ``Request`` from a decoded body, or ``APIError`` (400)."""
     if not isinstance(body, dict):
         raise bad(f"the request body must be a JSON object (got {_type_name(body)})")
     model = _get(body, "model", str, "a string")
-    max_tokens = _positive_int(body, "max_completion_tokens") or _positive_int(body, "max_tokens")
+    max_tokens = (
+        _positive_int(body, "max_completion_tokens")
+        or _positive_int(body, "max_tokens")
+        or (_positive_int(body, "n_predict") if kind == "infill" else None)
+    )
     stream = _get(body, "stream", bool, "a boolean", False)
     options = _get(body, "stream_options", dict, "an object")
     if options is not None and not stream:
@@ -257,12 +304,46 @@ def parse_request(kind: str, body: Any, default_max_tokens: int, template_defaul
         n=n,
         sampler=sampler,
     )
+    if kind in ("completion", "infill"):
+        request.infill_length = _positive_int(body, "infill_length")
     if kind == "chat":
         request.messages = _messages(body.get("messages"))
         request.tools = _tools(body.get("tools"))
         request.template_kwargs = template_kwargs
-    else:
-        request.prompt = _prompt(body.get("prompt"))
+    elif kind == "completion":
+        request.suffix = _get(body, "suffix", str, "a string")
+        if request.suffix is not None and not request.suffix:
+            request.suffix = None  # OpenAI: an empty suffix is no suffix
+        if request.infill_length is not None and request.suffix is None:
+            raise bad("'infill_length' needs a 'suffix'", "infill_length")
+        if request.suffix is not None and isinstance(body.get("prompt"), str) and not body["prompt"]:
+            request.prompt = ""
+        else:
+            request.prompt = _prompt(body.get("prompt"))
+    elif kind == "infill":
+        request.prompt = _infill_prefix(body)
+        request.suffix = _get(body, "input_suffix", str, "a string", "")
+        if not request.prompt and not request.suffix:
+            raise bad("'input_prefix' and 'input_suffix' are both empty: nothing to write between", "input_prefix")
+    else:  # edit
+        request.text = _get(body, "text", str, "a string")
+        if request.text is None:
+            raise bad("'text' is required", "text")
+        request.spans = _spans(body.get("spans"))
+        try:
+            check_spans(request.text, request.spans)
+        except ValueError as e:
+            raise bad(str(e), "spans") from None
+        request.instruction = _get(body, "instruction", str, "a string")
+        request.template_kwargs = template_kwargs
+    if request.fills and (request.n > 1 or request.stop and kind == "edit"):
+        name = "n" if request.n > 1 else "stop"
+        raise bad(f"'{name}' is not supported when writing between known text", name)
+    if request.infill_length is not None and request.infill_length > request.max_tokens:
+        raise bad(
+            f"'infill_length' ({request.infill_length}) is more than the request's token limit ({request.max_tokens})",
+            "infill_length",
+        )
     return request
 
 
@@ -270,7 +351,7 @@ def parse_request(kind: str, body: Any, default_max_tokens: int, template_defaul
 
 
 def new_id(kind: str) -> str:
-    return ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(12)
+    return {"chat": "chatcmpl-", "completion": "cmpl-"}.get(kind, kind + "-") + secrets.token_hex(12)
 
 
 def tool_call_id() -> str:
@@ -299,6 +380,8 @@ class Usage:
 def envelope(request: Request, response_id: str, model_id: str, created: Optional[int] = None, chunk=False) -> dict:
     if request.kind == "chat":
         obj = "chat.completion.chunk" if chunk else "chat.completion"
-    else:
+    elif request.kind == "completion":
         obj = "text_completion"
+    else:
+        obj = request.kind
     return {"id": response_id, "object": obj, "created": created or int(time.time()), "model": model_id}

@@ -33,6 +33,7 @@ import jinja2
 from ..chat import ChatCache, commit_answer
 from ..chat_template import render
 from ..generate import stream_generate
+from ..infill import stream_edit, stream_infill
 from .conversations import Conversations
 from .output import ChatOutput, StopStrings
 from .protocol import APIError, Request, Usage, envelope, new_id
@@ -171,6 +172,9 @@ class Worker:
     def _run(self, job: Job) -> Iterator[bool]:
         """The request as a generator the loop steps: True after each committed canvas."""
         request = job.request
+        if request.fills:
+            yield from self._run_fill(job)
+            return
         try:
             prompt, chat_cache, full, cached = self._prompt(request)
             stream = stream_generate(
@@ -278,6 +282,115 @@ class Worker:
                 **request.template_kwargs,
             )
             self.conversations.put(rendered, chat_cache)
+
+    def _fill_stream(self, request: Request):
+        sampler = dict(self.settings.sampler_defaults, **request.sampler)
+        if request.kind == "edit":
+            return stream_edit(
+                self.model,
+                self.tokenizer,
+                request.text,
+                request.spans,
+                request.instruction,
+                seed=request.seed,
+                chat_template_kwargs=request.template_kwargs,
+                **sampler,
+            )
+        prefix = request.prompt
+        if request.kind == "infill":
+            # As llama.cpp's /infill: the prefix is raw text after <bos>.
+            bos = getattr(self.tokenizer, "bos_token_id", None)
+            prefix = ([bos] if bos is not None else []) + list(self.tokenizer.encode(prefix, add_special_tokens=False))
+        return stream_infill(
+            self.model,
+            self.tokenizer,
+            prefix,
+            request.suffix,
+            request.infill_length,
+            seed=request.seed,
+            max_tokens=request.max_tokens,
+            **sampler,
+        )
+
+    def _run_fill(self, job: Job) -> Iterator[bool]:
+        """An infill or edit: drafts while it denoises (if asked), then the result.
+        Its turn ends with each window (canvas) it finishes."""
+        request = job.request
+        try:
+            stream = self._fill_stream(request)
+            first = next(stream)  # errors the input can cause come with the first step
+        except APIError as e:
+            job.send("error", e)
+            return
+        except (ValueError, TypeError) as e:
+            job.send("error", APIError(400, str(e).splitlines()[0]))
+            return
+        except jinja2.TemplateError as e:
+            job.send("error", APIError(400, f"the chat template rejected the instruction: {e}".splitlines()[0]))
+            return
+        job.send("start")
+        response_id, created = new_id(request.kind), int(time.time())
+        last, window = first, 0
+        for last in itertools.chain([first], stream):
+            if last.finished:
+                break
+            if request.include_drafts:
+                steps = last.max_denoising_steps - last.step + 1
+                draft = {
+                    "text": "".join(t for t, fixed in last.draft_parts() if not fixed),
+                    "canvas": last.window,
+                    "step": steps,
+                }
+                job.send("chunk", self._chunk(request, response_id, created, 0, {}, None, draft))
+            yield last.window != window
+            window = last.window
+        stream.close()
+        text = last.text
+        stops = StopStrings(request.stop)
+        if request.kind != "edit":
+            text = stops.feed(text, final=True)
+        usage = Usage(
+            prompt_tokens=last.prompt_tokens,
+            completion_tokens=last.length or 0,
+            cached_tokens=0,
+            denoising_steps=last.denoising_steps,
+            tokens_per_forward=(last.length or 0) / max(last.denoising_steps, 1),
+        )
+        body = envelope(request, response_id, self.settings.model_id, created)
+        if request.kind == "edit":
+            body.update(text=text, spans=[list(s) for s in last.spans], usage=usage.body())
+        elif request.kind == "infill":
+            # llama.cpp's /infill answer, with the gap's length.
+            body.update(
+                content=text,
+                stop=True,
+                tokens_predicted=last.length,
+                tokens_evaluated=last.prompt_tokens,
+                infill_length=last.length,
+                denoising_steps=last.denoising_steps,
+            )
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": "stop", "logprobs": None, "infill_length": last.length}
+            body.update(choices=[choice], usage=usage.body())
+        if not request.stream:
+            job.send("response", body)
+            return
+        if request.kind == "completion":
+            job.send("chunk", self._chunk(request, response_id, created, 0, {"text": text}, "stop"))
+            if request.include_usage:
+                job.send(
+                    "chunk",
+                    dict(
+                        envelope(request, response_id, self.settings.model_id, created, True),
+                        choices=[],
+                        usage=usage.body(),
+                    ),
+                )
+        elif request.kind == "infill":
+            job.send("chunk", {"content": text, "stop": False})
+            job.send("chunk", dict(body, content=""))
+        else:
+            job.send("chunk", body)
 
     def _delta(self, row: _Row, text: str, final: bool) -> Dict[str, Any]:
         if row.output is None:

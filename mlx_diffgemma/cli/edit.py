@@ -1,0 +1,173 @@
+"""python -m mlx_diffgemma.edit: rewrite spans of a text file, the rest held fixed."""
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import List, Tuple
+
+from .. import cli
+from ..generate import SamplerParams
+from ..infill import check_spans, stream_edit
+
+EDIT_DESCRIPTION = """\
+Rewrite parts of a text file with DiffusionGemma. The text around the spans is
+held fixed in the canvas and the spans are written again to fit it (and the
+instruction, if one is given). The edited text goes to stdout, or back into
+the file with --in-place. On a terminal the canvas is shown as it is
+denoised, the fixed text in yellow."""
+EDIT_EXAMPLES = """\
+examples:
+  mlx_diffgemma.edit --file app.py --lines 12:14 --instruction "Handle an empty list."
+  mlx_diffgemma.edit --file notes.txt --span 120:180 --in-place
+  mlx_diffgemma.edit --file a.py --lines 3:3 --lines 9:10 --output b.py"""
+
+
+def span_argument(text: str) -> Tuple[int, int]:
+    """START:END, as two integers."""
+    parts = text.split(":")
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"expected START:END, got {text!r}")
+    try:
+        return int(parts[0]), int(parts[1])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two integers START:END, got {text!r}") from None
+
+
+def setup_arg_parser():
+    parser = cli.ArgumentParser(
+        prog="mlx_diffgemma.edit",
+        description=EDIT_DESCRIPTION,
+        epilog=EDIT_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    cli.add_model_arguments(parser)
+    parser.add_argument("--file", required=True, metavar="PATH", help="The text file to edit ('-' reads stdin).")
+    parser.add_argument(
+        "--span",
+        type=span_argument,
+        action="append",
+        default=[],
+        metavar="START:END",
+        help="Characters START to END (0-based, END excluded) to rewrite; repeat for several.",
+    )
+    parser.add_argument(
+        "--lines",
+        type=span_argument,
+        action="append",
+        default=[],
+        metavar="FIRST:LAST",
+        help="Lines FIRST to LAST (1-based, inclusive; their line breaks are kept) to rewrite; repeat for several.",
+    )
+    parser.add_argument(
+        "--instruction", metavar="TEXT", help="What to change, sent as the user turn of the chat template."
+    )
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--in-place", action="store_true", help="Write the result back into --file.")
+    where.add_argument("--output", metavar="PATH", help="Write the result to this new file (never overwritten).")
+    cli.add_seed_argument(parser, "PRNG seed, 0 to 2**64-1 (default: a random one).")
+    cli.add_chat_template_argument(parser)
+    cli.add_sampler_arguments(parser)
+    cli.add_output_arguments(parser)
+    return parser
+
+
+def line_span(text: str, first: int, last: int) -> Tuple[int, int]:
+    """Characters of lines ``first``..``last`` (1-based), without the last line's break."""
+    lines = text.splitlines(keepends=True)
+    if not 1 <= first <= last <= len(lines):
+        raise ValueError(f"--lines {first}:{last}: the file has {len(lines)} lines (need 1 <= FIRST <= LAST)")
+    start = sum(len(line) for line in lines[: first - 1])
+    end = sum(len(line) for line in lines[:last])
+    body = lines[last - 1]
+    return start, end - (len(body) - len(body.rstrip("\r\n")))
+
+
+def spans_of(args, text: str) -> List[Tuple[int, int]]:
+    spans = list(args.span) + [line_span(text, a, b) for a, b in args.lines]
+    if not spans:
+        raise ValueError("nothing to edit: give --span START:END or --lines FIRST:LAST")
+    return spans
+
+
+def write_atomically(path: Path, text: str, replace: bool):
+    """Write ``text`` to a temporary file beside ``path`` and rename it there."""
+    if path.exists() and not replace:
+        raise ValueError(f"{path}: already exists (--output never overwrites; use --in-place to edit a file)")
+    fd, temporary = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        if replace and path.exists():
+            os.chmod(temporary, path.stat().st_mode & 0o7777)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def main():
+    args = setup_arg_parser().parse_args()
+    cli.run(lambda: run_edit(args))
+
+
+def run_edit(args):
+    if args.in_place and args.file == "-":
+        raise ValueError("--in-place needs a file, not stdin")
+    if args.file == "-":
+        text = cli.valid_text(cli.stdin().read())
+    else:
+        path = Path(args.file)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}: not UTF-8 text") from None
+        except FileNotFoundError:
+            raise ValueError(f"{path}: no such file") from None
+        except IsADirectoryError:
+            raise ValueError(f"{path}: is a directory, not a text file") from None
+    spans = check_spans(text, spans_of(args, text))  # before the model loads
+    if args.output:
+        write_to = Path(args.output)
+        if write_to.exists():
+            raise ValueError(f"{write_to}: already exists (--output never overwrites; use --in-place to edit a file)")
+    model, tokenizer = cli.load_for_generation(args.model, args.adapter_path)
+    params = cli.sampler_params(args)
+    SamplerParams.resolve(model, **params)  # bad settings fail before the view opens
+
+    to_stdout = not (args.in_place or args.output)
+    last = None
+    stream = stream_edit(
+        model,
+        tokenizer,
+        text,
+        spans,
+        args.instruction,
+        seed=args.seed,
+        chat_template_kwargs=args.chat_template_config,
+        **params,
+    )
+    with cli.make_view(args) as view:
+        for last in stream:
+            if last.finished:
+                # Exactly the edited text: no newline added after it.
+                view.final_newline = False
+                if to_stdout:
+                    view.write(last.text)
+            elif not last.finished and view.wants_draft():
+                status = f"canvas {last.window + 1}, step {last.max_denoising_steps - last.step + 1}"
+                view.draft_parts(last.draft_parts(context=True), status)
+    if args.in_place:
+        write_atomically(Path(args.file), last.text, replace=True)
+    elif args.output:
+        write_atomically(Path(args.output), last.text, replace=False)
+    if not to_stdout:
+        print(f"{args.file if args.in_place else args.output}: written", file=sys.stderr)
+    if args.verbose:
+        # On stderr: stdout may be the edited file.
+        moved = ", ".join(f"{a}:{b}" for a, b in last.spans)
+        print("=" * 10, file=sys.stderr)
+        print(f"Spans now at: {moved}", file=sys.stderr)
+        print(f"Denoising steps: {last.denoising_steps}", file=sys.stderr)
+        print(f"Peak memory: {last.peak_memory:.3f} GB", file=sys.stderr, flush=True)

@@ -1,0 +1,10 @@
+"""``python -m mlx_diffgemma.edit``: rewrite spans of a file in place.
+
+The library's editing is ``infill.edit`` / ``infill.stream_edit``; the
+command line is ``cli.edit``.
+"""
+
+if __name__ == "__main__":
+    from .cli.edit import main
+
+    main()

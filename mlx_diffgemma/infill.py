@@ -1,0 +1,516 @@
+"""Writing between known text: infilling and in-line editing.
+
+Every position of a canvas attends to every other, so a canvas can hold text
+that is already known beside positions still to be written. The known tokens
+are *fixed* (``sampler.FixedPositions``): never resampled or renoised, in the
+argmax canvas at every step; the model writes the free positions to agree with
+what comes before them (in the cache) and what comes after them (in the
+canvas).
+
+A *document* is the text after the prompt as token ids, some positions free
+(``Layout``). ``fill`` writes it window by window, left to right: the fixed
+text before the next free position is encoded into the cache, then one canvas
+starts at that position and holds the next ``canvas_length`` tokens of the
+document, free and fixed, and is denoised; its tokens join the cache if free
+positions remain after it. So a free position sees the whole document before
+it but only the fixed text within its own window after it: text more than a
+canvas past a gap is never read (docs/infill.md).
+
+- ``stream_infill`` / ``infill``: a gap between a prefix (the prompt) and a
+  suffix. A given length is one row; an automatic length runs every candidate
+  length as a row of one batch and keeps the one whose suffix the model finds
+  most likely (``suffix_agreement``).
+- ``stream_edit`` / ``edit``: character spans of a text rewritten in place,
+  optionally with an instruction as the user turn of the chat template.
+"""
+
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+
+import mlx.core as mx
+
+from . import sampler
+from .cache import PromptCache
+from .chat_template import plain_ids, render
+from .generate import (
+    SEED_LIMIT,
+    DenoisingStep,
+    GenerationResponse,
+    SamplerParams,
+    _as_batch,
+    encode_prompt,
+    generate_step,
+    row_seeds,
+    stream_generate,
+)
+from .model import Model
+from .thinking import END_OF_TURN
+
+Text = Union[str, Sequence[int]]
+
+# Automatic gap lengths: every length up to 16 tokens, then about 1.5x apart up
+# to the canvas. One row of the batch per candidate (docs/infill.md measures
+# the rule); a gap longer than a canvas needs its length given.
+EXACT_LENGTHS = 16
+CONTEXT_TOKENS = 64  # document tokens before a window a response keeps, for showing the line it is on
+
+
+def candidate_lengths(canvas_length: int) -> List[int]:
+    """The gap lengths an automatic infill tries: all that leave at least one
+    suffix token in the canvas, every one up to 16, then ~1.5x apart."""
+    top = canvas_length - 1
+    lengths = list(range(1, min(EXACT_LENGTHS, top) + 1))
+    while lengths[-1] < top:
+        lengths.append(min(top, math.ceil(lengths[-1] * 1.5)))
+    return lengths
+
+
+@dataclass
+class Layout:
+    """A document: its ids and which of them are to be written (values there are ignored)."""
+
+    tokens: List[int]
+    free: List[bool]
+
+    @classmethod
+    def of(cls, pieces: Sequence[Tuple[Sequence[int], bool]]) -> "Layout":
+        """Pieces of (ids, free) joined; a free piece's ids only give its length."""
+        tokens, free = [], []
+        for ids, is_free in pieces:
+            tokens += [0] * len(ids) if is_free else list(ids)
+            free += [is_free] * len(ids)
+        return cls(tokens, free)
+
+    def next_free(self, start: int) -> Optional[int]:
+        return next((i for i in range(start, len(self.free)) if self.free[i]), None)
+
+
+@dataclass
+class FillStep:
+    """``fill``'s event after each denoising step of a window."""
+
+    window: int
+    start: int  # document position of the window's first token
+    event: DenoisingStep
+    fixed: mx.array  # [B, C] bool: the window's fixed positions
+    documents: List[List[int]]  # each row's document, written up to ``start``
+
+
+def fill(
+    model: Model,
+    cache: PromptCache,
+    layouts: List[Layout],
+    seeds: List[int],
+    params: SamplerParams,
+) -> Iterator[Union[FillStep, List[List[int]]]]:
+    """Write the free positions of each row's document after the context in ``cache``.
+
+    Yields a ``FillStep`` per denoising step, then the documents written (one
+    id list per row). Window ``k`` of row ``r`` draws from ``seeds[r] + k``.
+    Several rows must share their text before the first free position and
+    have every free position in the first window (the candidate lengths of
+    one infill); one row may have any layout.
+    """
+    C = model.canvas_length
+    docs = [list(layout.tokens) for layout in layouts]
+    head = layouts[0]
+    pos, window = 0, 0
+    while True:
+        start = head.next_free(pos)
+        if start is None:
+            break
+        if start > pos:
+            model.encode(mx.array([d[pos:start] for d in docs]), cache)
+        end = start + C
+        mask = [[i < len(d) and not lay.free[i] for i in range(start, end)] for d, lay in zip(docs, layouts)]
+        tokens = [[d[i] if m else 0 for i, m in zip(range(start, end), row)] for d, row in zip(docs, mask)]
+        fixed = sampler.FixedPositions(mx.array(mask), mx.array(tokens, dtype=sampler.TOKEN_DTYPE))
+        window_seeds = [(s + window) % SEED_LIMIT for s in seeds]
+        last = None
+        for event in generate_step(model, cache, window_seeds, C, params, fixed=fixed):
+            if isinstance(event, DenoisingStep):
+                last = event
+                yield FillStep(window, start, event, fixed.mask, docs)
+        written = last.argmax.tolist()
+        for d, lay, row in zip(docs, layouts, written):
+            for i in range(start, min(end, len(d))):
+                if lay.free[i]:
+                    d[i] = row[i - start]
+        pos = min(end, len(head.tokens))
+        if head.next_free(pos) is not None:
+            model.encode(mx.array([d[start:pos] for d in docs]), cache)
+        window += 1
+    yield docs
+
+
+def suffix_agreement(step: FillStep) -> List[float]:
+    """Per row: the mean log-probability the step gives the row's fixed tokens
+    (an infill's suffix head), -inf for a row with none.
+
+    A gap of the wrong length puts the suffix where the model expects other
+    text, so its tokens become unlikely; of the lengths tried, the right one
+    tends to make the suffix most likely (docs/infill.md measures it).
+    """
+    total = step.event.fixed_logprob.sum(axis=-1).tolist()
+    count = step.fixed.sum(axis=-1).tolist()
+    return [t / n if n else -math.inf for t, n in zip(total, count)]
+
+
+# -- Responses ----------------------------------------------------------------
+
+
+@dataclass
+class FillResponse:
+    """One event of ``stream_infill`` / ``stream_edit``: a denoising step, or
+    (``finished``) the result.
+
+    ``draft_parts()`` gives the window being denoised as (text, fixed) runs:
+    what the model is writing, and the known text beside it.
+    """
+
+    window: int  # the canvas (window) this step denoises, from 0
+    step: int  # counts down from max_denoising_steps to 1 within a window
+    max_denoising_steps: int
+    denoising_steps: int  # steps so far, all windows
+    prompt_tokens: int
+    prompt_tps: float
+    peak_memory: float
+    finished: bool = False
+    text: str = ""  # the result (the middle, or the edited text); set when finished
+    length: Optional[int] = None  # tokens written (infill: the gap; while automatic, the best so far)
+    scores: Optional[Dict[int, float]] = None  # automatic infill: suffix agreement per candidate length
+    spans: Optional[List[Tuple[int, int]]] = None  # edit: where the spans now are in ``text``
+    _window: Optional[List[int]] = field(default=None, repr=False)  # the shown row's argmax window
+    _fixed: Optional[List[bool]] = field(default=None, repr=False)
+    _before: List[int] = field(default_factory=list, repr=False)  # document tokens just before the window
+    _tokenizer: Any = field(default=None, repr=False)
+    _eos: Sequence[int] = field(default=(), repr=False)
+
+    def draft_parts(self, context: bool = False) -> List[Tuple[str, bool]]:
+        """The window as runs of (text, fixed), up to its first free end of
+        sequence; ``context`` starts it with the document's text before the
+        window on the same line (fixed)."""
+        if self._window is None or self._tokenizer is None:
+            return []
+        runs: List[Tuple[List[int], bool]] = []
+        if context and self._before:
+            line = self._tokenizer.decode(self._before).rsplit("\n", 1)[-1]
+            if line:
+                runs.append((line, True))
+        for token, is_fixed in zip(self._window, self._fixed):
+            if not is_fixed and token in self._eos:
+                break
+            if runs and runs[-1][1] == is_fixed and not isinstance(runs[-1][0], str):
+                runs[-1][0].append(token)
+            else:
+                runs.append(([token], is_fixed))
+        return [(ids if isinstance(ids, str) else self._tokenizer.decode(ids), is_fixed) for ids, is_fixed in runs]
+
+
+class _Run:
+    """What every response of one call shares: the settings, counts and timing."""
+
+    def __init__(self, model: Model, tokenizer, params: SamplerParams):
+        self.model, self.tokenizer, self.params = model, tokenizer, params
+        self.steps = 0
+        self.prompt_tokens = 0
+        self.prompt_tps = 0.0
+
+    def encode(self, prompt: List[int], cache: PromptCache):
+        tic = time.perf_counter()
+        self.prompt_tokens = encode_prompt(self.model, [prompt], cache)
+        self.prompt_tps = self.prompt_tokens / max(time.perf_counter() - tic, 1e-9)
+
+    def step(self, step: FillStep, row: int, document: Layout, **fields) -> FillResponse:
+        """The response to one denoising step, showing ``row``'s window (cut at
+        the document's end)."""
+        self.steps += 1
+        n = len(document.tokens) - step.start
+        return self._response(
+            window=step.window,
+            step=step.event.step,
+            _window=step.event.argmax[row].tolist()[:n],
+            _fixed=step.fixed[row].tolist()[:n],
+            _before=step.documents[row][max(0, step.start - CONTEXT_TOKENS) : step.start],
+            **fields,
+        )
+
+    def result(self, text: str, **fields) -> FillResponse:
+        return self._response(window=0, step=0, finished=True, text=text, **fields)
+
+    def _response(self, **fields) -> FillResponse:
+        return FillResponse(
+            max_denoising_steps=self.params.max_denoising_steps,
+            denoising_steps=self.steps,
+            prompt_tokens=self.prompt_tokens,
+            prompt_tps=self.prompt_tps,
+            peak_memory=mx.get_peak_memory() / 1e9,
+            _tokenizer=self.tokenizer,
+            _eos=self.params.eos_token_id,
+            **fields,
+        )
+
+
+def _check_context(model: Model, cache: PromptCache, prompt: int, document: int, what: str):
+    """The prompt, the document and its last window must fit the model's context."""
+    needed = cache.offset + prompt + document + model.canvas_length
+    limit = model.args.max_position_embeddings
+    if needed > limit:
+        raise ValueError(
+            f"{what} is too long: {cache.offset + prompt} prompt tokens, {document} tokens after them and "
+            f"a canvas of {model.canvas_length} need {needed} positions, more than the model's context of {limit}"
+        )
+
+
+def _ids(tokenizer, text: Text, what: str, vocab_size: int) -> List[int]:
+    if isinstance(text, mx.array):
+        text = text.tolist()
+    if isinstance(text, (str, list, tuple)) and len(text) == 0:
+        return []
+    return _as_batch(tokenizer, text, vocab_size, what)[0]
+
+
+def last(responses: Iterator[FillResponse]) -> FillResponse:
+    """The last response of a stream: its result."""
+    return deque(responses, maxlen=1)[0]
+
+
+# -- Infilling ----------------------------------------------------------------
+
+
+def stream_infill(
+    model: Model,
+    tokenizer,
+    prefix: Text,
+    suffix: Text,
+    length: Optional[int] = None,
+    seed: Optional[int] = None,
+    max_tokens: int = 256,
+    prompt_cache: Optional[PromptCache] = None,
+    **params,
+) -> Iterator[FillResponse]:
+    """Write the text between ``prefix`` and ``suffix``, yielding a response per step.
+
+    ``prefix`` and ``suffix`` are text or token ids, used as given (as
+    ``stream_generate`` uses a prompt; an empty prefix starts from ``<bos>``).
+    The prefix is encoded into the cache; the canvas holds the gap and then
+    the head of the suffix, as much as fits, fixed. ``length`` is the gap in
+    tokens; None tries every ``candidate_lengths`` length up to ``max_tokens``
+    as one row of a batch and keeps the one whose suffix the model finds most
+    likely (``suffix_agreement``). A given length longer than a canvas is written in
+    several canvases, of which only the last sees the suffix. With no suffix
+    the gap is plain generation: it ends at the model's end of sequence,
+    after at most ``length`` (or ``max_tokens``) tokens.
+
+    The last response has ``finished`` set, the middle in ``text`` and its
+    ``length``. ``params`` are the sampler settings, as for ``stream_generate``.
+    """
+    sp = SamplerParams.resolve(model, **params)
+    C, V = model.canvas_length, model.args.vocab_size
+    prefix_ids = _ids(tokenizer, prefix, "prefix", V)
+    suffix_ids = _ids(tokenizer, suffix, "suffix", V)
+    if not prefix_ids and not suffix_ids:
+        raise ValueError("infill needs a prefix or a suffix (both are empty)")
+    if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 1):
+        raise ValueError(f"length must be a positive integer (got {length!r})")
+    if not prefix_ids:
+        bos = getattr(tokenizer, "bos_token_id", None)
+        if bos is None:
+            raise ValueError("prefix is empty and the tokenizer has no <bos> to start from")
+        prefix_ids = [bos]
+    cache = prompt_cache if prompt_cache is not None else model.make_cache()
+    if not suffix_ids:
+        yield from _generate_gap(model, tokenizer, prefix_ids, length or max_tokens, seed, cache, params)
+        return
+
+    lengths = [length] if length is not None else [n for n in candidate_lengths(C) if n <= max_tokens]
+    _check_context(model, cache, len(prefix_ids), max(lengths) + len(suffix_ids), "infill")
+    run = _Run(model, tokenizer, sp)
+    run.encode(prefix_ids, cache)
+    rows = len(lengths)
+    if rows > 1:
+        cache = cache.repeat(rows)
+    layouts = [Layout.of([([0] * n, True), (suffix_ids, False)]) for n in lengths]
+    # Every candidate starts from the same noise, so they differ only in length.
+    seeds = row_seeds(seed, 1) * rows
+    best, scores = 0, None
+    for event in fill(model, cache, layouts, seeds, sp):
+        if isinstance(event, FillStep):
+            if rows > 1:
+                agreement = suffix_agreement(event)
+                scores = dict(zip(lengths, agreement))
+                # Ties go to the shorter gap.
+                best = max(range(rows), key=lambda r: (agreement[r], -lengths[r]))
+            yield run.step(event, best, layouts[best], length=lengths[best], scores=scores)
+            continue
+        middle = event[best][: lengths[best]]
+    yield run.result(tokenizer.decode(middle), length=lengths[best], scores=scores)
+
+
+def _generate_gap(model, tokenizer, prefix_ids, max_tokens, seed, cache, params) -> Iterator[FillResponse]:
+    """A gap with no suffix after it: generation from the prefix, as responses of infill."""
+    text, last = "", None
+    for last in stream_generate(model, tokenizer, prefix_ids, max_tokens, seed, prompt_cache=cache, **params):
+        text += last.text
+        if last.finish_reason is None:
+            yield _from_generation(last, tokenizer)
+    yield _from_generation(last, tokenizer, finished=True, text=text, length=last.generation_tokens)
+
+
+def _from_generation(r: GenerationResponse, tokenizer, **fields) -> FillResponse:
+    shown = None if r.token_ids or r._argmax is None else r.draft_ids
+    return FillResponse(
+        window=r.canvas_index,
+        step=r.step,
+        max_denoising_steps=r.max_denoising_steps,
+        denoising_steps=r.denoising_steps,
+        prompt_tokens=r.prompt_tokens,
+        prompt_tps=r.prompt_tps,
+        peak_memory=r.peak_memory,
+        _window=shown,
+        _fixed=None if shown is None else [False] * len(shown),
+        _tokenizer=tokenizer,
+        **fields,
+    )
+
+
+def infill(model: Model, tokenizer, prefix: Text, suffix: Text, length: Optional[int] = None, **kwargs) -> str:
+    """The text between ``prefix`` and ``suffix`` (see ``stream_infill``)."""
+    return last(stream_infill(model, tokenizer, prefix, suffix, length, **kwargs)).text
+
+
+# -- Editing ------------------------------------------------------------------
+
+
+class Edit(NamedTuple):
+    text: str  # the edited text
+    spans: List[Tuple[int, int]]  # where each given span is now, in the order given
+
+
+def check_spans(text: str, spans, lengths=None) -> List[Tuple[int, int]]:
+    """``spans`` as (start, end) character offsets into ``text``; ValueError
+    naming the span that is malformed, outside the text or overlapping another."""
+    if isinstance(spans, (str, bytes)) or not isinstance(spans, (list, tuple)) or not spans:
+        raise ValueError("spans must be a non-empty list of (start, end) character offsets")
+    checked = []
+    for i, span in enumerate(spans):
+        if (
+            not isinstance(span, (list, tuple))
+            or len(span) != 2
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in span)
+        ):
+            raise ValueError(f"span {i} must be a pair of integer character offsets (got {span!r})")
+        start, end = span
+        if not 0 <= start <= end <= len(text):
+            raise ValueError(
+                f"span {i} ({start}, {end}) is outside the text of {len(text)} characters "
+                "(need 0 <= start <= end <= length)"
+            )
+        if start == end and (lengths is None or lengths[i] is None):
+            raise ValueError(f"span {i} ({start}, {end}) is empty: give its length in tokens to insert text there")
+        checked.append((start, end))
+    order = sorted(range(len(checked)), key=lambda i: checked[i])
+    for a, b in zip(order, order[1:]):
+        if checked[b][0] < checked[a][1]:
+            raise ValueError(f"spans {a} {checked[a]} and {b} {checked[b]} overlap")
+    return checked
+
+
+def stream_edit(
+    model: Model,
+    tokenizer,
+    text: str,
+    spans: Sequence[Tuple[int, int]],
+    instruction: Optional[str] = None,
+    lengths: Optional[Sequence[Optional[int]]] = None,
+    seed: Optional[int] = None,
+    prompt_cache: Optional[PromptCache] = None,
+    chat_template_kwargs: Optional[Dict[str, Any]] = None,
+    **params,
+) -> Iterator[FillResponse]:
+    """Rewrite the character ``spans`` of ``text`` in place, yielding a response per step.
+
+    The text around the spans is held fixed; the spans are renoised and
+    denoised. With an ``instruction`` the text is the model's answer to it (a
+    user turn through the chat template, then the text, then the end of the
+    turn); without, the text follows ``<bos>``. Each span is rewritten in as
+    many tokens as it has now, or ``lengths[i]`` (an empty span inserts that
+    many). Text and instruction are read as plain text: nothing in them becomes
+    a control token. The last response has ``finished`` set, the edited text
+    in ``text`` and each span's new (start, end) in ``spans``.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a string (got {type(text).__name__})")
+    if lengths is not None:
+        if not isinstance(lengths, (list, tuple)) or len(lengths) != len(spans):
+            raise ValueError("lengths must give one length (or None) per span")
+        for i, n in enumerate(lengths):
+            if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+                raise ValueError(f"lengths[{i}] must be a positive integer (got {n!r})")
+    spans = check_spans(text, spans, lengths)
+    sp = SamplerParams.resolve(model, **params)
+    order = sorted(range(len(spans)), key=lambda i: spans[i])
+
+    # Text and spans tokenized piece by piece, so every span is whole tokens.
+    pieces, kept, at = [], [], 0
+    for i in order:
+        start, end = spans[i]
+        kept.append(text[at:start])
+        pieces.append((plain_ids(tokenizer, text[at:start]), False))
+        n = lengths[i] if lengths is not None and lengths[i] is not None else len(plain_ids(tokenizer, text[start:end]))
+        pieces.append(([0] * max(n, 1), True))
+        at = end
+    kept.append(text[at:])
+    pieces.append((plain_ids(tokenizer, text[at:]), False))
+    if instruction is not None:
+        prompt = render(tokenizer, [{"role": "user", "content": instruction}], True, **(chat_template_kwargs or {}))
+        pieces.append((end_of_turn(tokenizer), False))
+    else:
+        bos = getattr(tokenizer, "bos_token_id", None)
+        prompt = [bos] if bos is not None else []
+        if not prompt and not pieces[0][0]:
+            raise ValueError("the text starts with a span and the tokenizer has no <bos> to start from")
+    layout = Layout.of(pieces)
+
+    cache = prompt_cache if prompt_cache is not None else model.make_cache()
+    _check_context(model, cache, len(prompt), len(layout.tokens), "edit")
+    run = _Run(model, tokenizer, sp)
+    if prompt:
+        run.encode(prompt, cache)
+    for event in fill(model, cache, [layout], row_seeds(seed, 1), sp):
+        if isinstance(event, FillStep):
+            yield run.step(event, 0, layout)
+            continue
+        written = event[0]
+
+    # The kept text is returned as given; only the spans are decoded.
+    out, new_spans, position = kept[0], [None] * len(spans), 0
+    for k, i in enumerate(order):
+        position += len(pieces[2 * k][0])
+        n = len(pieces[2 * k + 1][0])
+        rewritten = tokenizer.decode(written[position : position + n])
+        position += n
+        new_spans[i] = (len(out), len(out) + len(rewritten))
+        out += rewritten + kept[k + 1]
+    yield run.result(out, spans=new_spans, length=sum(layout.free))
+
+
+def end_of_turn(tokenizer) -> List[int]:
+    """The end-of-turn marker's ids (the text of an answer ends with it)."""
+    return list(tokenizer.encode(END_OF_TURN, add_special_tokens=False))
+
+
+def edit(
+    model: Model,
+    tokenizer,
+    text: str,
+    spans: Sequence[Tuple[int, int]],
+    instruction: Optional[str] = None,
+    **kwargs,
+) -> Edit:
+    """``text`` with ``spans`` rewritten, and where they now are (see ``stream_edit``)."""
+    result = last(stream_edit(model, tokenizer, text, spans, instruction, **kwargs))
+    return Edit(result.text, result.spans)
