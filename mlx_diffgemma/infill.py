@@ -129,12 +129,12 @@ def fill(
         tokens = [[d[i] if m else 0 for i, m in zip(range(start, end), row)] for d, row in zip(docs, mask)]
         fixed = sampler.FixedPositions(mx.array(mask), mx.array(tokens, dtype=sampler.TOKEN_DTYPE))
         window_seeds = [(s + window) % SEED_LIMIT for s in seeds]
-        last = None
+        final = None
         for event in generate_step(model, cache, window_seeds, C, params, fixed=fixed):
             if isinstance(event, DenoisingStep):
-                last = event
+                final = event
                 yield FillStep(window, start, event, fixed.mask, docs)
-        written = last.argmax.tolist()
+        written = final.argmax.tolist()  # the canvas as committed
         for d, lay, row in zip(docs, layouts, written):
             for i in range(start, min(end, len(d))):
                 if lay.free[i]:
@@ -196,18 +196,16 @@ class FillResponse:
         if self._window is None or self._tokenizer is None:
             return []
         runs: List[Tuple[List[int], bool]] = []
-        if context and self._before:
-            line = self._tokenizer.decode(self._before).rsplit("\n", 1)[-1]
-            if line:
-                runs.append((line, True))
         for token, is_fixed in zip(self._window, self._fixed):
             if not is_fixed and token in self._eos:
                 break
-            if runs and runs[-1][1] == is_fixed and not isinstance(runs[-1][0], str):
+            if runs and runs[-1][1] == is_fixed:
                 runs[-1][0].append(token)
             else:
                 runs.append(([token], is_fixed))
-        return [(ids if isinstance(ids, str) else self._tokenizer.decode(ids), is_fixed) for ids, is_fixed in runs]
+        parts = [(self._tokenizer.decode(ids), is_fixed) for ids, is_fixed in runs]
+        line = self._tokenizer.decode(self._before).rsplit("\n", 1)[-1] if context and self._before else ""
+        return [(line, True)] + parts if line else parts
 
 
 class _Run:
@@ -300,15 +298,20 @@ def stream_infill(
     the head of the suffix, as much as fits, fixed. ``length`` is the gap in
     tokens; None tries every ``candidate_lengths`` length up to ``max_tokens``
     as one row of a batch and keeps the one whose suffix the model finds most
-    likely (``suffix_agreement``). A given length longer than a canvas is written in
-    several canvases, of which only the last sees the suffix. With no suffix
-    the gap is plain generation: it ends at the model's end of sequence,
-    after at most ``length`` (or ``max_tokens``) tokens.
+    likely (``suffix_agreement``). A given length longer than a canvas is
+    written in several canvases, of which only the last sees the suffix. The
+    middle ends at an end-of-sequence token the model writes inside the gap.
+    With no suffix the gap is plain generation: it ends at the model's end of
+    sequence, after at most ``length`` (or ``max_tokens``) tokens.
 
     The last response has ``finished`` set, the middle in ``text`` and its
-    ``length``. ``params`` are the sampler settings, as for ``stream_generate``.
+    ``length``. ``params`` are the sampler settings, as for ``stream_generate``;
+    ``prompt_cache`` is the cache the prefix is encoded into (it keeps the
+    prefix, not the middle).
     """
     sp = SamplerParams.resolve(model, **params)
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError(f"max_tokens must be a positive integer (got {max_tokens!r})")
     C, V = model.canvas_length, model.args.vocab_size
     prefix_ids = _ids(tokenizer, prefix, "prefix", V)
     suffix_ids = _ids(tokenizer, suffix, "suffix", V)
@@ -346,18 +349,19 @@ def stream_infill(
                 best = max(range(rows), key=lambda r: (agreement[r], -lengths[r]))
             yield run.step(event, best, layouts[best], length=lengths[best], scores=scores)
             continue
-        middle = event[best][: lengths[best]]
-    yield run.result(tokenizer.decode(middle), length=lengths[best], scores=scores)
+        # An end of sequence inside the gap ends the text there, as it ends an answer.
+        middle, _ = sampler.split_at_eos(event[best][: lengths[best]], sp.eos_token_id)
+    yield run.result(tokenizer.decode(middle), length=len(middle), scores=scores)
 
 
 def _generate_gap(model, tokenizer, prefix_ids, max_tokens, seed, cache, params) -> Iterator[FillResponse]:
     """A gap with no suffix after it: generation from the prefix, as responses of infill."""
-    text, last = "", None
-    for last in stream_generate(model, tokenizer, prefix_ids, max_tokens, seed, prompt_cache=cache, **params):
-        text += last.text
-        if last.finish_reason is None:
-            yield _from_generation(last, tokenizer)
-    yield _from_generation(last, tokenizer, finished=True, text=text, length=last.generation_tokens)
+    text, r = "", None
+    for r in stream_generate(model, tokenizer, prefix_ids, max_tokens, seed, prompt_cache=cache, **params):
+        text += r.text
+        if r.finish_reason is None:
+            yield _from_generation(r, tokenizer)
+    yield _from_generation(r, tokenizer, finished=True, text=text, length=r.generation_tokens)
 
 
 def _from_generation(r: GenerationResponse, tokenizer, **fields) -> FillResponse:
@@ -438,8 +442,9 @@ def stream_edit(
     user turn through the chat template, then the text, then the end of the
     turn); without, the text follows ``<bos>``. Each span is rewritten in as
     many tokens as it has now, or ``lengths[i]`` (an empty span inserts that
-    many). Text and instruction are read as plain text: nothing in them becomes
-    a control token. The last response has ``finished`` set, the edited text
+    many), cut at an end-of-sequence token the model writes in it. Text and
+    instruction are read as plain text: nothing in them becomes a control
+    token. The last response has ``finished`` set, the edited text
     in ``text`` and each span's new (start, end) in ``spans``.
     """
     if not isinstance(text, str):
@@ -491,7 +496,7 @@ def stream_edit(
     for k, i in enumerate(order):
         position += len(pieces[2 * k][0])
         n = len(pieces[2 * k + 1][0])
-        rewritten = tokenizer.decode(written[position : position + n])
+        rewritten = tokenizer.decode(sampler.split_at_eos(written[position : position + n], sp.eos_token_id)[0])
         position += n
         new_spans[i] = (len(out), len(out) + len(rewritten))
         out += rewritten + kept[k + 1]

@@ -642,7 +642,7 @@ def _quote(arg: str) -> str:
 # -- examples -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("example", ["generate.py", "stream_drafts.py", "chat.py", "batch.py"])
+@pytest.mark.parametrize("example", ["generate.py", "stream_drafts.py", "chat.py", "batch.py", "infill.py", "edit.py"])
 def test_examples_run(model_dir, example):
     r = run(ROOT / "examples" / example, model_dir)
     assert r.returncode == 0, r.stderr
@@ -653,3 +653,10 @@ def test_examples_run(model_dir, example):
         assert r.stdout.count("Q: ") == 3
     if example == "stream_drafts.py":
         assert "committed]" in r.stdout and ", step " in r.stdout
+    if example == "infill.py":
+        assert r.stdout.startswith("def mean(values):") and "    return total / len(values)\n# " in r.stdout
+    if example == "edit.py":
+        assert (
+            r.stdout.startswith("The team meets on ")
+            and "at 10:00 in room 4 to plan the release.\n# 'Monday' became" in r.stdout
+        )
