@@ -117,6 +117,14 @@ def fill(
     C = model.canvas_length
     docs = [list(layout.tokens) for layout in layouts]
     head = layouts[0]
+    if len(layouts) > 1:
+        first = head.next_free(0)
+        for r, layout in enumerate(layouts):
+            free = [i for i, f in enumerate(layout.free) if f]
+            if free and (free[0] != first or free[-1] >= first + C or layout.tokens[:first] != head.tokens[:first]):
+                raise ValueError(
+                    f"row {r}: several rows must share their text before one window holding every free position"
+                )
     pos, window = 0, 0
     while True:
         start = head.next_free(pos)
@@ -284,7 +292,7 @@ def stream_infill(
     tokenizer,
     prefix: Text,
     suffix: Text,
-    length: Optional[int] = None,
+    length: Union[int, Sequence[int], None] = None,
     seed: Optional[int] = None,
     max_tokens: int = 256,
     prompt_cache: Optional[PromptCache] = None,
@@ -296,9 +304,9 @@ def stream_infill(
     ``stream_generate`` uses a prompt; an empty prefix starts from ``<bos>``).
     The prefix is encoded into the cache; the canvas holds the gap and then
     the head of the suffix, as much as fits, fixed. ``length`` is the gap in
-    tokens; None tries every ``candidate_lengths`` length up to ``max_tokens``
-    as one row of a batch and keeps the one whose suffix the model finds most
-    likely (``suffix_agreement``). A given length longer than a canvas is
+    tokens; a list of lengths tries each as one row of a batch and keeps the
+    one whose suffix the model finds most likely (``suffix_agreement``); None
+    tries every ``candidate_lengths`` length up to ``max_tokens`` so. A given length longer than a canvas is
     written in several canvases, of which only the last sees the suffix. The
     middle ends at an end-of-sequence token the model writes inside the gap.
     With no suffix the gap is plain generation: it ends at the model's end of
@@ -317,8 +325,7 @@ def stream_infill(
     suffix_ids = _ids(tokenizer, suffix, "suffix", V)
     if not prefix_ids and not suffix_ids:
         raise ValueError("infill needs a prefix or a suffix (both are empty)")
-    if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 1):
-        raise ValueError(f"length must be a positive integer (got {length!r})")
+    lengths = _lengths(length, C, max_tokens)
     if not prefix_ids:
         bos = getattr(tokenizer, "bos_token_id", None)
         if bos is None:
@@ -326,10 +333,10 @@ def stream_infill(
         prefix_ids = [bos]
     cache = prompt_cache if prompt_cache is not None else model.make_cache()
     if not suffix_ids:
-        yield from _generate_gap(model, tokenizer, prefix_ids, length or max_tokens, seed, cache, params)
+        limit = max_tokens if length is None else max(lengths)
+        yield from _generate_gap(model, tokenizer, prefix_ids, limit, seed, cache, params)
         return
 
-    lengths = [length] if length is not None else [n for n in candidate_lengths(C) if n <= max_tokens]
     _check_context(model, cache, len(prefix_ids), max(lengths) + len(suffix_ids), "infill")
     run = _Run(model, tokenizer, sp)
     run.encode(prefix_ids, cache)
@@ -352,6 +359,20 @@ def stream_infill(
         # An end of sequence inside the gap ends the text there, as it ends an answer.
         middle, _ = sampler.split_at_eos(event[best][: lengths[best]], sp.eos_token_id)
     yield run.result(tokenizer.decode(middle), length=len(middle), scores=scores)
+
+
+def _lengths(length, canvas_length: int, max_tokens: int) -> List[int]:
+    """The gap lengths to try: ``length`` given (one or a list), else the candidates up to ``max_tokens``."""
+    if length is None:
+        return [n for n in candidate_lengths(canvas_length) if n <= max_tokens]
+    lengths = list(length) if isinstance(length, (list, tuple)) else [length]
+    if not lengths or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in lengths):
+        raise ValueError(f"length must be a positive integer or a non-empty list of them (got {length!r})")
+    if len(lengths) > 1 and max(lengths) >= canvas_length:
+        raise ValueError(
+            f"candidate lengths must leave room for the suffix in one canvas (< {canvas_length}; got {max(lengths)})"
+        )
+    return sorted(set(lengths))
 
 
 def _generate_gap(model, tokenizer, prefix_ids, max_tokens, seed, cache, params) -> Iterator[FillResponse]:

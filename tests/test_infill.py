@@ -255,3 +255,24 @@ def test_edit_reads_text_and_instruction_as_plain_text(shipped, monkeypatch):
     edit(model, tokenizer, "ab<turn|>cd" + "e" * 40, [(0, 1)], "x<turn|>y", max_denoising_steps=2)
     # The one <turn|> in the prompt closes the instruction's turn.
     assert seen.count(turn) == 1
+
+
+def test_rows_of_one_fill_share_their_window(shipped):
+    model, tokenizer = shipped
+    cache = model.make_cache()
+    encode_prompt(model, [chat(tokenizer, QUESTION)], cache)
+    near = Layout([5] * 40, [False] * 3 + [True] * 2 + [False] * 35)
+    far = Layout([5] * 40, [False] * 3 + [True] * 2 + [False] * 30 + [True] + [False] * 4)
+    with pytest.raises(ValueError, match="row 1: several rows must share"):
+        next(fill(model, cache.repeat(2), [near, far], [0, 0], SamplerParams.resolve(model)))
+
+
+def test_a_list_of_lengths_is_the_candidates(shipped):
+    model, tokenizer = shipped
+    prefix = chat(tokenizer, QUESTION) + plain_ids(tokenizer, ANSWER[:40])
+    suffix = plain_ids(tokenizer, ANSWER[46:]) + end_of_turn(tokenizer)
+    result = last(stream_infill(model, tokenizer, prefix, suffix, [8, 6, 4], seed=0))
+    assert set(result.scores) == {4, 6, 8} and result.length == 6 and result.text == ANSWER[40:46]
+    for bad in ([], [3, 0], [3, 40], "7"):
+        with pytest.raises(ValueError, match="length|candidate lengths"):
+            infill(model, tokenizer, prefix, suffix, bad)

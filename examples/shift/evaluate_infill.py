@@ -20,6 +20,7 @@ exactly right. docs/infill.md has the table this prints.
 import argparse
 import json
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -69,6 +70,7 @@ def run(model, tokenizer, problems, seed: int = 0, methods=None):
     """{(task, method): [correct, total]} over ``problems``."""
     counts = defaultdict(lambda: [0, 0])
     steps = defaultdict(int)
+    seconds = defaultdict(float)
     end_of_turn = list(tokenizer.encode(END_OF_TURN, add_special_tokens=False))
     for i, (question, answer) in enumerate(problems):
         task = task_of(question)
@@ -79,23 +81,29 @@ def run(model, tokenizer, problems, seed: int = 0, methods=None):
         prefix = prompt + plain_ids(tokenizer, answer[:start])
         suffix = plain_ids(tokenizer, answer[start + length :]) + end_of_turn
 
-        def count(method, ok, n_steps=0, task=task):
+        def count(method, ok, tic, n_steps=0, task=task):
             counts[task, method][0] += bool(ok)
             counts[task, method][1] += 1
             steps[task, method] += n_steps
+            seconds[task, method] += time.perf_counter() - tic
 
         for method, n in (("infill, length given", length), ("infill, automatic length", None)):
+            tic = time.perf_counter()
             result = last(stream_infill(model, tokenizer, prefix, suffix, n, seed=seed + i))
-            count(method, result.text == middle, result.denoising_steps)
-        count("baseline, length given", baseline(model, tokenizer, prefix, length, seed + i) == middle)
-        count("baseline, automatic length", baseline(model, tokenizer, prefix, 256, seed + i) == middle)
+            count(method, result.text == middle, tic, result.denoising_steps)
+        tic = time.perf_counter()
+        count("baseline, length given", baseline(model, tokenizer, prefix, length, seed + i) == middle, tic)
+        tic = time.perf_counter()
+        count("baseline, automatic length", baseline(model, tokenizer, prefix, 256, seed + i) == middle, tic)
 
         wrong = corrupt(rng, answer, start, start + length)
+        tic = time.perf_counter()
         edited = edit(model, tokenizer, wrong, [(start, start + length)], question, seed=seed + i)
-        count("edit", edited.text == answer and edited.spans == [(start, start + length)])
+        count("edit", edited.text == answer and edited.spans == [(start, start + length)], tic)
+        tic = time.perf_counter()
         span = baseline(model, tokenizer, prefix, length, seed + i)
-        count("baseline edit", answer[:start] + span + answer[start + length :] == answer)
-    return counts, steps
+        count("baseline edit", answer[:start] + span + answer[start + length :] == answer, tic)
+    return counts, steps, seconds
 
 
 def main(argv=None):
@@ -116,14 +124,22 @@ def main(argv=None):
         by_task[task_of(p[0])].append(p)
     chosen = [p for task in ("shift", "twice") for p in by_task[task][: args.limit]]
     model, tokenizer = load(args.model)
-    counts, steps = run(model, tokenizer, chosen, args.seed)
+    counts, steps, seconds = run(model, tokenizer, chosen, args.seed)
     if args.json:
-        print(json.dumps({f"{t}/{m}": {"correct": c, "problems": n} for (t, m), (c, n) in counts.items()}))
+        numbers = {
+            f"{t}/{m}": {"correct": c, "problems": n, "steps": steps[t, m] / n, "seconds": seconds[t, m] / n}
+            for (t, m), (c, n) in counts.items()
+        }
+        print(json.dumps(numbers))
         return
-    print(f"{'task':6}  {'method':28}  exact match")
+    print("| task | method | exact match | denoising steps | seconds per problem |")
+    print("|---|---|---|---|---|")
     for (task, method), (correct, n) in counts.items():
-        extra = f"  ({steps[task, method] / n:.2f} steps)" if steps[task, method] else ""
-        print(f"{task:6}  {method:28}  {correct:3}/{n} ({100 * correct / n:5.1f}%){extra}")
+        n_steps = f"{steps[task, method] / n:.2f}" if steps[task, method] else ""
+        print(
+            f"| {task} | {method} | {correct}/{n} ({100 * correct / n:.1f}%) | {n_steps} | "
+            f"{seconds[task, method] / n:.3f} |"
+        )
 
 
 if __name__ == "__main__":

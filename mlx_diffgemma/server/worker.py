@@ -41,6 +41,19 @@ from .protocol import APIError, Request, Usage, envelope, new_id
 log = logging.getLogger("mlx_diffgemma.server")
 
 
+INPUT_ERRORS = (APIError, ValueError, TypeError, jinja2.TemplateError)
+
+
+def input_error(e: Exception) -> APIError:
+    """The answer to an error a request's input caused: a 400 naming it."""
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, jinja2.TemplateError):
+        # The checkpoint's template refuses some conversations (roles out of order, say).
+        return APIError(400, f"the chat template rejected the conversation: {e}".splitlines()[0])
+    return APIError(400, str(e).splitlines()[0])
+
+
 class Job:
     """A request on its way through the worker."""
 
@@ -188,15 +201,8 @@ class Worker:
             )
             # Errors the prompt can cause (too long for the context) come with the first step.
             first = next(stream)
-        except APIError as e:
-            job.send("error", e)
-            return
-        except (ValueError, TypeError) as e:
-            job.send("error", APIError(400, str(e).splitlines()[0]))
-            return
-        except jinja2.TemplateError as e:
-            # The checkpoint's template refuses some conversations (roles out of order, say).
-            job.send("error", APIError(400, f"the chat template rejected the conversation: {e}".splitlines()[0]))
+        except INPUT_ERRORS as e:
+            job.send("error", input_error(e))
             return
         job.send("start")
         yield False
@@ -319,14 +325,8 @@ class Worker:
         try:
             stream = self._fill_stream(request)
             first = next(stream)  # errors the input can cause come with the first step
-        except APIError as e:
-            job.send("error", e)
-            return
-        except (ValueError, TypeError) as e:
-            job.send("error", APIError(400, str(e).splitlines()[0]))
-            return
-        except jinja2.TemplateError as e:
-            job.send("error", APIError(400, f"the chat template rejected the instruction: {e}".splitlines()[0]))
+        except INPUT_ERRORS as e:
+            job.send("error", input_error(e))
             return
         job.send("start")
         response_id, created = new_id(request.kind), int(time.time())
@@ -345,10 +345,8 @@ class Worker:
             yield last.window != window
             window = last.window
         stream.close()
-        text = last.text
-        stops = StopStrings(request.stop)
-        if request.kind != "edit":
-            text = stops.feed(text, final=True)
+        # Stop strings cut a middle; an edit's text is returned whole.
+        text = last.text if request.kind == "edit" else StopStrings(request.stop).feed(last.text, final=True)
         usage = Usage(
             prompt_tokens=last.prompt_tokens,
             completion_tokens=last.length or 0,
@@ -374,19 +372,13 @@ class Worker:
             body.update(choices=[choice], usage=usage.body())
         if not request.stream:
             job.send("response", body)
-            return
-        if request.kind == "completion":
+        elif request.kind == "completion":
             job.send("chunk", self._chunk(request, response_id, created, 0, {"text": text}, "stop"))
             if request.include_usage:
-                job.send(
-                    "chunk",
-                    dict(
-                        envelope(request, response_id, self.settings.model_id, created, True),
-                        choices=[],
-                        usage=usage.body(),
-                    ),
-                )
+                usage_chunk = envelope(request, response_id, self.settings.model_id, created, True)
+                job.send("chunk", dict(usage_chunk, choices=[], usage=usage.body()))
         elif request.kind == "infill":
+            # As llama.cpp streams: the content, then a last event that stops.
             job.send("chunk", {"content": text, "stop": False})
             job.send("chunk", dict(body, content=""))
         else:
