@@ -51,17 +51,20 @@ from .thinking import END_OF_TURN
 
 Text = Union[str, Sequence[int]]
 
-# Automatic gap lengths: every length up to 16 tokens, then about 1.5x apart up
-# to the canvas. One row of the batch per candidate (docs/infill.md measures
-# the rule); a gap longer than a canvas needs its length given.
+# Automatic gap lengths: every length up to 16 tokens, then about 1.5x apart,
+# leaving at least a quarter of the canvas to the suffix (a handful of suffix
+# tokens can agree with a wrong gap by chance). One row of the batch per
+# candidate (docs/infill.md measures the rule); longer gaps need their length.
 EXACT_LENGTHS = 16
+SUFFIX_SHARE = 4  # the suffix keeps at least 1/4 of the canvas
+TIE = 1e-3  # nats: agreements this close are a tie, which the shorter gap (more suffix seen) wins
 CONTEXT_TOKENS = 64  # document tokens before a window a response keeps, for showing the line it is on
 
 
 def candidate_lengths(canvas_length: int) -> List[int]:
-    """The gap lengths an automatic infill tries: all that leave at least one
-    suffix token in the canvas, every one up to 16, then ~1.5x apart."""
-    top = canvas_length - 1
+    """The gap lengths an automatic infill tries: every one up to 16, then
+    ~1.5x apart, up to the length that leaves a quarter of the canvas."""
+    top = max(1, canvas_length - max(1, canvas_length // SUFFIX_SHARE))
     lengths = list(range(1, min(EXACT_LENGTHS, top) + 1))
     while lengths[-1] < top:
         lengths.append(min(top, math.ceil(lengths[-1] * 1.5)))
@@ -352,8 +355,9 @@ def stream_infill(
             if rows > 1:
                 agreement = suffix_agreement(event)
                 scores = dict(zip(lengths, agreement))
-                # Ties go to the shorter gap.
-                best = max(range(rows), key=lambda r: (agreement[r], -lengths[r]))
+                top = max(agreement)
+                # Rows are in order of length: the shortest within TIE of the best.
+                best = next(r for r in range(rows) if agreement[r] >= top - TIE)
             yield run.step(event, best, layouts[best], length=lengths[best], scores=scores)
             continue
         # An end of sequence inside the gap ends the text there, as it ends an answer.

@@ -31,46 +31,29 @@ def shipped():
     return load(str(MODEL))
 
 
+def infill_command(*extra):
+    """generate --suffix on the held-out problem: the first 9 characters of the answer are the gap."""
+    return run(
+        "mlx_diffgemma.generate", "--model", MODEL, "--prompt", QUESTION, "--suffix", ANSWER[9:], "--seed", 5, *extra
+    )
+
+
 def test_generate_with_a_suffix_prints_the_middle(shipped):
     model, tokenizer = shipped
     prefix = render(tokenizer, [{"role": "user", "content": QUESTION}], True)
     suffix = plain_ids(tokenizer, ANSWER[9:]) + end_of_turn(tokenizer)
     want = infill(model, tokenizer, prefix, suffix, seed=5)
     assert want == ANSWER[:9]
-    r = run("mlx_diffgemma.generate", "--model", MODEL, "--prompt", QUESTION, "--suffix", ANSWER[9:], "--seed", 5)
+    r = infill_command()
     assert r.returncode == 0, r.stderr
     assert r.stdout == want + "\n"
     given = infill(model, tokenizer, prefix, suffix, 4, seed=5)
-    r = run(
-        "mlx_diffgemma.generate",
-        "--model",
-        MODEL,
-        "--prompt",
-        QUESTION,
-        "--suffix",
-        ANSWER[9:],
-        "--infill-length",
-        4,
-        "--seed",
-        5,
-        "--verbose",
-    )
+    r = infill_command("--infill-length", 4, "--verbose")
     assert r.returncode == 0 and r.stdout.startswith(given + "\n") and "Infill: 4 tokens" in r.stdout
 
 
 def test_the_live_infill_shows_the_fixed_suffix_apart():
-    r = run(
-        "mlx_diffgemma.generate",
-        "--model",
-        MODEL,
-        "--prompt",
-        QUESTION,
-        "--suffix",
-        ANSWER[9:],
-        "--seed",
-        5,
-        "--live",
-    )
+    r = infill_command("--live")
     assert r.returncode == 0, r.stderr
     # The suffix's head (a canvas of 32 holds the 9-token gap and 23 of it) in the fixed style,
     # the gap in the draft style; the screen ends with the middle alone.

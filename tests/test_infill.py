@@ -65,9 +65,9 @@ class Recorder:
 
 
 def test_candidate_lengths():
-    assert candidate_lengths(32) == list(range(1, 17)) + [24, 31]
+    assert candidate_lengths(32) == list(range(1, 17)) + [24]
     lengths = candidate_lengths(256)
-    assert lengths[:16] == list(range(1, 17)) and lengths[-1] == 255
+    assert lengths[:16] == list(range(1, 17)) and lengths[16:] == [24, 36, 54, 81, 122, 183, 192]
     assert all(b > a for a, b in zip(lengths, lengths[1:]))
 
 

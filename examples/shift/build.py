@@ -11,13 +11,6 @@ comes from (the prompt always has the same length): a copy that attention can
 learn quickly at toy widths, and that a denoiser can do for all positions of a
 canvas at once, which is what makes canvases converge in few steps.
 
-A second, smaller task ("twice") is there for infilling and editing
-(docs/infill.md): the user asks ``TWICE_PROMPT`` and the answer is a random
-word of ``TWICE_WORD`` characters, a space, and the same word again. Nothing
-before the answer says what the word is, so text written between known text
-can only be right if the model reads the text after it: the shift task cannot
-show that, because its prompt alone determines every answer character.
-
     python examples/shift/build.py --data examples/shift/data --init /tmp/shift-init
 
 writes train/valid/test.jsonl (seeded, so the same files every time) and a
@@ -38,9 +31,6 @@ FILLER = "."
 WIDTH = 128
 MIN_LENGTH, MAX_LENGTH = 40, WIDTH - 1
 SPLITS = {"train": (8_000, 0), "valid": (64, 1), "test": (200, 2)}  # examples, seed
-TWICE_PROMPT = "Say a word twice."
-TWICE_WORD = 12
-TWICE_SPLITS = {"train": (8_000, 10), "valid": (16, 11), "test": (100, 12)}  # examples, seed
 
 # Gemma 4's control tokens at their real ids; the other ids below 107 are unused.
 SPECIAL_TOKENS = {
@@ -143,26 +133,13 @@ def problem(rng: np.random.Generator) -> tuple:
     return text + FILLER * (WIDTH - n), shift(text)
 
 
-def twice_problem(rng: np.random.Generator) -> tuple:
-    word = "".join(rng.choice(list(ALPHABET), size=TWICE_WORD))
-    return TWICE_PROMPT, f"{word} {word}"
-
-
-def problems(split: str) -> list:
-    """The split's (question, answer) pairs: the shift problems, then the twice ones."""
-    pairs = []
-    for make, splits in ((problem, SPLITS), (twice_problem, TWICE_SPLITS)):
-        count, seed = splits[split]
-        rng = np.random.default_rng(seed)
-        pairs += [make(rng) for _ in range(count)]
-    return pairs
-
-
 def write_data(out: Path):
     out.mkdir(parents=True, exist_ok=True)
-    for split in SPLITS:
+    for split, (count, seed) in SPLITS.items():
+        rng = np.random.default_rng(seed)
         lines = []
-        for question, answer in problems(split):
+        for _ in range(count):
+            question, answer = problem(rng)
             messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
             lines.append(json.dumps({"messages": messages}))
         (out / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
