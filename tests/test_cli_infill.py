@@ -114,6 +114,15 @@ def test_edit_rewrites_a_file_span(shipped, tmp_path):
     assert r.returncode == 0 and out.exists() and out.read_text()[3:] == path.read_text()[3:]
 
 
+def test_edit_keeps_the_files_line_endings(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_bytes(b"first line\r\n" + ANSWER.encode() + b"\r\nlast line\r\n")
+    r = run("mlx_diffgemma.edit", "--model", MODEL, "--file", path, "--lines", "2:2", "--seed", 0, "--in-place")
+    assert r.returncode == 0, r.stderr
+    data = path.read_bytes()
+    assert data.startswith(b"first line\r\n") and data.endswith(b"\r\nlast line\r\n") and data.count(b"\r\n") == 3
+
+
 def test_the_live_edit_shows_the_text_around_the_span(tmp_path):
     path = tmp_path / "answer.txt"
     path.write_text(ANSWER)

@@ -91,19 +91,30 @@ def spans_of(args, text: str) -> List[Tuple[int, int]]:
     return spans
 
 
+def exists_error(path: Path) -> ValueError:
+    return ValueError(f"{path}: already exists (--output never overwrites; use --in-place to edit a file)")
+
+
 def write_atomically(path: Path, text: str, replace: bool):
-    """Write ``text`` to a temporary file beside ``path`` and rename it there."""
-    if path.exists() and not replace:
-        raise ValueError(f"{path}: already exists (--output never overwrites; use --in-place to edit a file)")
-    fd, temporary = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".tmp")
+    """Write ``text`` to a temporary file beside ``path``, then put it in place:
+    renamed over ``path`` (``replace``, keeping its mode) or linked as a new
+    name, which fails rather than overwrite a file that appeared meanwhile."""
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
             f.write(text)
-        if replace and path.exists():
+        if replace:
             os.chmod(temporary, path.stat().st_mode & 0o7777)
-        os.replace(temporary, path)
+            os.replace(temporary, path)
+        else:
+            try:
+                os.link(temporary, path)
+            except FileExistsError:
+                raise exists_error(path) from None
+            os.unlink(temporary)
     except BaseException:
-        os.unlink(temporary)
+        if os.path.exists(temporary):
+            os.unlink(temporary)
         raise
 
 
@@ -120,7 +131,9 @@ def run_edit(args):
     else:
         path = Path(args.file)
         try:
-            text = path.read_text(encoding="utf-8")
+            # newline="": line endings come back as they are in the file.
+            with path.open(encoding="utf-8", newline="") as f:
+                text = f.read()
         except UnicodeDecodeError:
             raise ValueError(f"{path}: not UTF-8 text") from None
         except FileNotFoundError:
@@ -128,10 +141,8 @@ def run_edit(args):
         except IsADirectoryError:
             raise ValueError(f"{path}: is a directory, not a text file") from None
     spans = check_spans(text, spans_of(args, text))  # before the model loads
-    if args.output:
-        write_to = Path(args.output)
-        if write_to.exists():
-            raise ValueError(f"{write_to}: already exists (--output never overwrites; use --in-place to edit a file)")
+    if args.output and Path(args.output).exists():
+        raise exists_error(Path(args.output))  # before the model loads
     model, tokenizer = cli.load_for_generation(args.model, args.adapter_path)
     params = cli.sampler_params(args)
     SamplerParams.resolve(model, **params)  # bad settings fail before the view opens
@@ -155,7 +166,7 @@ def run_edit(args):
                 view.final_newline = False
                 if to_stdout:
                     view.write(last.text)
-            elif not last.finished and view.wants_draft():
+            elif view.wants_draft():
                 status = f"canvas {last.window + 1}, step {last.max_denoising_steps - last.step + 1}"
                 view.draft_parts(last.draft_parts(context=True), status)
     if args.in_place:

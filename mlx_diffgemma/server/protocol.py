@@ -316,10 +316,9 @@ def parse_request(kind: str, body: Any, default_max_tokens: int, template_defaul
             request.suffix = None  # OpenAI: an empty suffix is no suffix
         if request.infill_length is not None and request.suffix is None:
             raise bad("'infill_length' needs a 'suffix'", "infill_length")
-        if request.suffix is not None and isinstance(body.get("prompt"), str) and not body["prompt"]:
-            request.prompt = ""
-        else:
-            request.prompt = _prompt(body.get("prompt"))
+        # With a suffix the prompt may be empty: the middle then starts the text.
+        prompt = body.get("prompt")
+        request.prompt = "" if request.suffix is not None and prompt == "" else _prompt(prompt)
     elif kind == "infill":
         request.prompt = _infill_prefix(body)
         request.suffix = _get(body, "input_suffix", str, "a string", "")
@@ -336,9 +335,10 @@ def parse_request(kind: str, body: Any, default_max_tokens: int, template_defaul
             raise bad(str(e), "spans") from None
         request.instruction = _get(body, "instruction", str, "a string")
         request.template_kwargs = template_kwargs
-    if request.fills and (request.n > 1 or request.stop and kind == "edit"):
-        name = "n" if request.n > 1 else "stop"
-        raise bad(f"'{name}' is not supported when writing between known text", name)
+    if request.fills and request.n > 1:
+        raise bad("'n' is not supported when writing between known text", "n")
+    if kind == "edit" and request.stop:
+        raise bad("'stop' does not apply to an edit", "stop")
     if request.infill_length is not None and request.infill_length > request.max_tokens:
         raise bad(
             f"'infill_length' ({request.infill_length}) is more than the request's token limit ({request.max_tokens})",
