@@ -491,7 +491,7 @@ def stream_edit(
         kept.append(text[at:start])
         pieces.append((plain_ids(tokenizer, text[at:start]), False))
         n = lengths[i] if lengths is not None and lengths[i] is not None else len(plain_ids(tokenizer, text[start:end]))
-        pieces.append(([0] * max(n, 1), True))
+        pieces.append(([0] * n, True))
         at = end
     kept.append(text[at:])
     pieces.append((plain_ids(tokenizer, text[at:]), False))

@@ -218,16 +218,26 @@ class LiveView(PlainView):
             self.column, self.wrapped = 0, True
         # Keep the draft and its status line (if there is room) on the screen.
         status = status[: width - 1] if height > 1 else ""
-        room = max(height - 1 - bool(status), 0)
-        rows, column = 0, self.column
+        # The parts are laid out as one text, which is cut to fit; each keeps its style.
+        column, laid_out = self.column, []
         for text, fixed in parts:
             text = expand_tabs(printable(text), column, width)
-            shown = fit(text, column, width, room - rows)
-            down, column = advance(column, shown, width)
-            rows += down
-            out += (FIXED if fixed else DRAFT) + shown + RESET
-            if shown != text:
+            _, column = advance(column, text, width)
+            laid_out.append((text, FIXED if fixed else DRAFT))
+        whole = "".join(text for text, _ in laid_out)
+        shown = fit(whole, self.column, width, max(height - 1 - bool(status), 0))
+        keep = len(shown) if shown == whole else len(shown) - 1  # characters of ``whole`` shown
+        at = 0
+        for text, style in laid_out:
+            piece = text[: max(keep - at, 0)]
+            if piece:
+                out += style + piece + RESET
+            at += len(text)
+            if at >= keep:
                 break
+        if shown != whole:
+            out += style + ELLIPSIS + RESET
+        rows, _ = advance(self.column, shown, width)
         if status:
             out += "\n" + DIM + status + RESET
             rows += 1

@@ -151,7 +151,6 @@ def test_the_live_edit_shows_the_text_around_the_span(tmp_path):
     [
         (["--span", "5:500"], "error: span 0 (5, 500) is outside the text of 49 characters"),
         (["--span", "2:8", "--span", "6:9"], "error: spans 0 (2, 8) and 1 (6, 9) overlap"),
-        (["--span", "3:3"], "error: span 0 (3, 3) is empty"),
         (["--lines", "2:3"], "error: --lines 2:3: the file has 1 lines"),
         ([], "error: nothing to edit"),
         (["--span", "5-8"], "argument --span: expected START:END, got '5-8'"),
