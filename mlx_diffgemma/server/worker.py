@@ -334,7 +334,7 @@ class Worker:
         for last in itertools.chain([first], stream):
             if last.finished:
                 break
-            if request.include_drafts:
+            if request.include_drafts and request.kind == "completion":  # OpenAI's chunks carry drafts
                 steps = last.max_denoising_steps - last.step + 1
                 draft = {
                     "text": "".join(t for t, fixed in last.draft_parts() if not fixed),
