@@ -25,10 +25,11 @@ canvas past a gap is never read (docs/infill.md).
 """
 
 import math
+import reprlib
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 
@@ -98,7 +99,7 @@ class FillStep:
     window: int
     start: int  # document position of the window's first token
     event: DenoisingStep
-    fixed: mx.array  # [B, C] bool: the window's fixed positions
+    fixed: List[List[bool]]  # per row, the window's fixed positions (the same all window)
     documents: List[List[int]]  # each row's document, written up to ``start``
 
 
@@ -144,7 +145,7 @@ def fill(
         for event in generate_step(model, cache, window_seeds, C, params, fixed=fixed):
             if isinstance(event, DenoisingStep):
                 final = event
-                yield FillStep(window, start, event, fixed.mask, docs)
+                yield FillStep(window, start, event, mask, docs)
         written = final.argmax.tolist()  # the canvas as committed
         for d, lay, row in zip(docs, layouts, written):
             for i in range(start, min(end, len(d))):
@@ -165,9 +166,15 @@ def suffix_agreement(step: FillStep) -> List[float]:
     text, so its tokens become unlikely; of the lengths tried, the right one
     tends to make the suffix most likely (docs/infill.md measures it).
     """
-    total = step.event.fixed_logprob.sum(axis=-1).tolist()
-    count = step.fixed.sum(axis=-1).tolist()
-    return [t / n if n else -math.inf for t, n in zip(total, count)]
+    total = step.event.fixed_logprob.sum(axis=-1).tolist()  # 0 at free positions
+    return [t / sum(row) if any(row) else -math.inf for t, row in zip(total, step.fixed)]
+
+
+def best_row(agreement: List[float]) -> int:
+    """The row that wins the automatic length: rows are in order of length, and
+    the shortest within ``TIE`` of the best agreement wins (it saw the most suffix)."""
+    top = max(agreement)
+    return next(r for r, a in enumerate(agreement) if a >= top - TIE)
 
 
 # -- Responses ----------------------------------------------------------------
@@ -179,7 +186,8 @@ class FillResponse:
     (``finished``) the result.
 
     ``draft_parts()`` gives the window being denoised as (text, fixed) runs:
-    what the model is writing, and the known text beside it.
+    what the model is writing, and the known text beside it. It is read from
+    the device only when asked for, as ``GenerationResponse.draft`` is.
     """
 
     window: int  # the canvas (window) this step denoises, from 0
@@ -191,32 +199,21 @@ class FillResponse:
     peak_memory: float
     finished: bool = False
     text: str = ""  # the result (the middle, or the edited text); set when finished
-    length: Optional[int] = None  # tokens written (infill: the gap; while automatic, the best so far)
+    length: Optional[int] = None  # tokens written (infill: the gap); set when finished
     scores: Optional[Dict[int, float]] = None  # automatic infill: suffix agreement per candidate length
     spans: Optional[List[Tuple[int, int]]] = None  # edit: where the spans now are in ``text``
-    _window: Optional[List[int]] = field(default=None, repr=False)  # the shown row's argmax window
-    _fixed: Optional[List[bool]] = field(default=None, repr=False)
-    _before: List[int] = field(default_factory=list, repr=False)  # document tokens just before the window
-    _tokenizer: Any = field(default=None, repr=False)
-    _eos: Sequence[int] = field(default=(), repr=False)
+    _parts: Optional[Callable[[bool], List[Tuple[str, bool]]]] = field(default=None, repr=False)
+    _leading: Optional[Callable[[], int]] = field(default=None, repr=False)
 
     def draft_parts(self, context: bool = False) -> List[Tuple[str, bool]]:
         """The window as runs of (text, fixed), up to its first free end of
         sequence; ``context`` starts it with the document's text before the
         window on the same line (fixed)."""
-        if self._window is None or self._tokenizer is None:
-            return []
-        runs: List[Tuple[List[int], bool]] = []
-        for token, is_fixed in zip(self._window, self._fixed):
-            if not is_fixed and token in self._eos:
-                break
-            if runs and runs[-1][1] == is_fixed:
-                runs[-1][0].append(token)
-            else:
-                runs.append(([token], is_fixed))
-        parts = [(self._tokenizer.decode(ids), is_fixed) for ids, is_fixed in runs]
-        line = self._tokenizer.decode(self._before).rsplit("\n", 1)[-1] if context and self._before else ""
-        return [(line, True)] + parts if line else parts
+        return self._parts(context) if self._parts is not None else []
+
+    def leading_length(self) -> Optional[int]:
+        """While an automatic infill denoises: the candidate length leading now."""
+        return self._leading() if self._leading is not None else self.length
 
 
 class _Run:
@@ -233,19 +230,42 @@ class _Run:
         self.prompt_tokens = encode_prompt(self.model, [prompt], cache)
         self.prompt_tps = self.prompt_tokens / max(time.perf_counter() - tic, 1e-9)
 
-    def step(self, step: FillStep, row: int, document: Layout, **fields) -> FillResponse:
-        """The response to one denoising step, showing ``row``'s window (cut at
-        the document's end)."""
+    def step(self, step: FillStep, layouts: List[Layout], lengths: Optional[List[int]] = None) -> FillResponse:
+        """The response to one denoising step. With candidate ``lengths`` its
+        draft shows the leading row; nothing is read back until it is asked for."""
         self.steps += 1
-        n = len(document.tokens) - step.start
+
+        def leading() -> int:
+            return lengths[best_row(suffix_agreement(step))]
+
+        def row() -> int:
+            return lengths.index(leading()) if lengths and len(lengths) > 1 else 0
+
+        def parts(context: bool) -> List[Tuple[str, bool]]:
+            r = row()
+            n = len(layouts[r].tokens) - step.start  # the window, cut at the document's end
+            before = step.documents[r][max(0, step.start - CONTEXT_TOKENS) : step.start] if context else []
+            return self._parts(step.event.argmax[r].tolist()[:n], step.fixed[r][:n], before)
+
         return self._response(
             window=step.window,
             step=step.event.step,
-            _window=step.event.argmax[row].tolist()[:n],
-            _fixed=step.fixed[row].tolist()[:n],
-            _before=step.documents[row][max(0, step.start - CONTEXT_TOKENS) : step.start],
-            **fields,
+            _parts=parts,
+            _leading=leading if lengths and len(lengths) > 1 else None,
         )
+
+    def _parts(self, window: List[int], fixed: List[bool], before: List[int]) -> List[Tuple[str, bool]]:
+        runs: List[Tuple[List[int], bool]] = []
+        for token, is_fixed in zip(window, fixed):
+            if not is_fixed and token in self.params.eos_token_id:
+                break
+            if runs and runs[-1][1] == is_fixed:
+                runs[-1][0].append(token)
+            else:
+                runs.append(([token], is_fixed))
+        parts = [(self.tokenizer.decode(ids), is_fixed) for ids, is_fixed in runs]
+        line = self.tokenizer.decode(before).rsplit("\n", 1)[-1] if before else ""
+        return [(line, True)] + parts if line else parts
 
     def result(self, text: str, **fields) -> FillResponse:
         return self._response(window=0, step=0, finished=True, text=text, **fields)
@@ -257,8 +277,6 @@ class _Run:
             prompt_tokens=self.prompt_tokens,
             prompt_tps=self.prompt_tps,
             peak_memory=mx.get_peak_memory() / 1e9,
-            _tokenizer=self.tokenizer,
-            _eos=self.params.eos_token_id,
             **fields,
         )
 
@@ -349,19 +367,20 @@ def stream_infill(
     layouts = [Layout.of([([0] * n, True), (suffix_ids, False)]) for n in lengths]
     # Every candidate starts from the same noise, so they differ only in length.
     seeds = row_seeds(seed, 1) * rows
-    best, scores = 0, None
+    final = None
     for event in fill(model, cache, layouts, seeds, sp):
         if isinstance(event, FillStep):
-            if rows > 1:
-                agreement = suffix_agreement(event)
-                scores = dict(zip(lengths, agreement))
-                top = max(agreement)
-                # Rows are in order of length: the shortest within TIE of the best.
-                best = next(r for r in range(rows) if agreement[r] >= top - TIE)
-            yield run.step(event, best, layouts[best], length=lengths[best], scores=scores)
+            final = event
+            yield run.step(event, layouts, lengths)
             continue
-        # An end of sequence inside the gap ends the text there, as it ends an answer.
-        middle, _ = sampler.split_at_eos(event[best][: lengths[best]], sp.eos_token_id)
+        docs = event
+    # A row that stopped is held, so the last step has every row's final agreement.
+    scores, best = None, 0
+    if rows > 1:
+        agreement = suffix_agreement(final)
+        scores, best = dict(zip(lengths, agreement)), best_row(agreement)
+    # An end of sequence inside the gap ends the text there, as it ends an answer.
+    middle, _ = sampler.split_at_eos(docs[best][: lengths[best]], sp.eos_token_id)
     yield run.result(tokenizer.decode(middle), length=len(middle), scores=scores)
 
 
@@ -385,12 +404,12 @@ def _generate_gap(model, tokenizer, prefix_ids, max_tokens, seed, cache, params)
     for r in stream_generate(model, tokenizer, prefix_ids, max_tokens, seed, prompt_cache=cache, **params):
         text += r.text
         if r.finish_reason is None:
-            yield _from_generation(r, tokenizer)
-    yield _from_generation(r, tokenizer, finished=True, text=text, length=r.generation_tokens)
+            yield _from_generation(r)
+    yield _from_generation(r, finished=True, text=text, length=r.generation_tokens)
 
 
-def _from_generation(r: GenerationResponse, tokenizer, **fields) -> FillResponse:
-    shown = None if r.token_ids or r._argmax is None else r.draft_ids
+def _from_generation(r: GenerationResponse, **fields) -> FillResponse:
+    """A generation response as infill's (its draft read only when shown)."""
     return FillResponse(
         window=r.canvas_index,
         step=r.step,
@@ -399,9 +418,7 @@ def _from_generation(r: GenerationResponse, tokenizer, **fields) -> FillResponse
         prompt_tokens=r.prompt_tokens,
         prompt_tps=r.prompt_tps,
         peak_memory=r.peak_memory,
-        _window=shown,
-        _fixed=None if shown is None else [False] * len(shown),
-        _tokenizer=tokenizer,
+        _parts=None if r.token_ids else (lambda context: [(r.draft, False)]),
         **fields,
     )
 
@@ -431,7 +448,7 @@ def check_spans(text: str, spans, lengths=None) -> List[Tuple[int, int]]:
             or len(span) != 2
             or not all(isinstance(x, int) and not isinstance(x, bool) for x in span)
         ):
-            raise ValueError(f"span {i} must be a pair of integer character offsets (got {span!r})")
+            raise ValueError(f"span {i} must be a pair of integer character offsets (got {reprlib.repr(span)})")
         start, end = span
         if not 0 <= start <= end <= len(text):
             raise ValueError(
@@ -512,7 +529,7 @@ def stream_edit(
         run.encode(prompt, cache)
     for event in fill(model, cache, [layout], row_seeds(seed, 1), sp):
         if isinstance(event, FillStep):
-            yield run.step(event, 0, layout)
+            yield run.step(event, [layout])
             continue
         written = event[0]
 
@@ -529,8 +546,8 @@ def stream_edit(
 
 
 def end_of_turn(tokenizer) -> List[int]:
-    """The end-of-turn marker's ids (the text of an answer ends with it)."""
-    return list(tokenizer.encode(END_OF_TURN, add_special_tokens=False))
+    """The end-of-turn marker as ids (the text of an answer ends with it)."""
+    return [tokenizer.convert_tokens_to_ids(END_OF_TURN)]
 
 
 def edit(

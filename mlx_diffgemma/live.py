@@ -114,13 +114,11 @@ class PlainView:
     escape codes are written. Unstyled (a pipe): the text is written as is.
     """
 
-    # Whether ``finish`` ends the output with a newline; off where the output
-    # must be exactly the text written (an edited file).
-    final_newline = True
-
-    def __init__(self, stream=None, styled: bool = False):
+    def __init__(self, stream=None, styled: bool = False, final_newline: bool = True):
         self.stream = stream or sys.stdout
         self.styled = styled
+        # Off where the output must be exactly the text written (an edited file).
+        self.final_newline = final_newline
 
     def write(self, text: str, style: Optional[str] = None):
         if self.styled:
@@ -162,8 +160,8 @@ class LiveView(PlainView):
     flood a slow terminal; commits are always written at once.
     """
 
-    def __init__(self, stream=None, min_interval: float = 1 / 30, terminal_size=None):
-        super().__init__(stream, styled=True)
+    def __init__(self, stream=None, min_interval: float = 1 / 30, terminal_size=None, final_newline: bool = True):
+        super().__init__(stream, styled=True, final_newline=final_newline)
         self.min_interval = min_interval
         self.terminal_size = terminal_size or self._terminal_size
         self.column = 0  # where the committed text ends on its row

@@ -660,3 +660,17 @@ def test_examples_run(model_dir, example):
             r.stdout.startswith("The team meets on ")
             and "at 10:00 in room 4 to plan the release.\n# 'Monday' became" in r.stdout
         )
+
+
+def test_write_file_puts_a_whole_file_in_place(tmp_path):
+    """The commands' one writer (benchmark --json, edit --in-place/--output)."""
+    path = tmp_path / "out.txt"
+    path.write_text("old")
+    path.chmod(0o600)
+    cli.write_file(path, "new\r\n")
+    assert path.read_bytes() == b"new\r\n" and (path.stat().st_mode & 0o777) == 0o600
+    with pytest.raises(FileExistsError):
+        cli.write_file(path, "other", overwrite=False)
+    assert path.read_bytes() == b"new\r\n"
+    cli.write_file(tmp_path / "fresh.txt", "x", overwrite=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh.txt", "out.txt"]  # no temporary left

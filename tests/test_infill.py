@@ -85,8 +85,9 @@ def test_fixed_tokens_hold_in_every_step_and_in_the_result(shipped, monkeypatch)
     for canvas in recorder.canvases:
         assert canvas[0, gap : gap + len(head)].tolist() == head
     for r in steps:
-        assert r._window[gap : gap + len(head)] == head
-        assert [fixed for _, fixed in r.draft_parts()] in ([False, True], [True])
+        # The step's argmax window: the gap's draft, then the suffix's head as given.
+        *_, (shown, fixed) = r.draft_parts()
+        assert fixed and shown == tokenizer.decode(head)
     assert responses[-1].text == ANSWER[10:17]  # the model really fills it
 
 
@@ -111,7 +112,8 @@ def test_automatic_length_finds_the_gap(shipped):
     prefix = chat(tokenizer, QUESTION) + plain_ids(tokenizer, ANSWER[:40])
     for gap in (3, 11):
         suffix = plain_ids(tokenizer, ANSWER[40 + gap :]) + end_of_turn(tokenizer)
-        result = last(stream_infill(model, tokenizer, prefix, suffix, seed=0))
+        *steps, result = stream_infill(model, tokenizer, prefix, suffix, seed=0)
+        assert steps[-1].leading_length() == gap  # what the live view shows while it denoises
         assert result.length == gap and result.text == ANSWER[40 : 40 + gap]
         assert set(result.scores) == set(candidate_lengths(model.canvas_length))
         assert max(result.scores, key=result.scores.get) == gap

@@ -11,6 +11,7 @@ import json
 import os
 import shlex
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
@@ -158,11 +159,12 @@ def add_output_arguments(parser: argparse.ArgumentParser):
     )
 
 
-def make_view(args):
-    """The live view on a terminal (or as --live/--no-live says), else plain text."""
+def make_view(args, final_newline: bool = True):
+    """The live view on a terminal (or as --live/--no-live says), else plain
+    text; ``final_newline`` False ends the output exactly with the text."""
     terminal = sys.stdout.isatty()
     live = terminal if args.live is None else args.live
-    return LiveView() if live else PlainView(styled=terminal)
+    return LiveView(final_newline=final_newline) if live else PlainView(styled=terminal, final_newline=final_newline)
 
 
 def sampler_params(args) -> Dict[str, object]:
@@ -191,6 +193,31 @@ def valid_text(text: str) -> str:
     if fixed != text:
         print("warning: the input is not valid UTF-8; undecodable bytes were replaced with U+FFFD", file=sys.stderr)
     return fixed
+
+
+# -- Writing files ---------------------------------------------------------------
+
+
+def write_file(path: Path, text: str, overwrite: bool = True):
+    """Write ``text`` to a temporary file beside ``path``, then put it in place,
+    so a failed run leaves no half a file. ``overwrite``: renamed over ``path``
+    (keeping the mode of a file it replaces); else linked as a new name, which
+    raises FileExistsError rather than replace a file that appeared meanwhile."""
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        if overwrite:
+            if path.exists():
+                os.chmod(temporary, path.stat().st_mode & 0o7777)
+            os.replace(temporary, path)
+        else:
+            os.link(temporary, path)
+            os.unlink(temporary)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
 
 
 # -- Will the weights fit? ----------------------------------------------------

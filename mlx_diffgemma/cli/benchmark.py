@@ -2,13 +2,12 @@
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from ..benchmark import PRESETS, Options, format_report, run_benchmark, validate
 from ..benchmark.compare import COMPARISONS
 from ..convert import RECIPES
-from . import ArgumentParser, run
+from . import ArgumentParser, run, write_file
 
 
 def setup_arg_parser() -> ArgumentParser:
@@ -76,15 +75,7 @@ def _check_writable(path: Path):
 
 
 def write_json(path: Path, result: dict):
-    """Written beside the target and renamed: a failed run leaves no half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(result, indent=2) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_file(path, json.dumps(result, indent=2) + "\n")
 
 
 def main(argv=None):

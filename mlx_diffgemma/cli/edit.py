@@ -1,9 +1,7 @@
 """python -m mlx_diffgemma.edit: rewrite spans of a text file, the rest held fixed."""
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import List, Tuple
 
@@ -95,29 +93,6 @@ def exists_error(path: Path) -> ValueError:
     return ValueError(f"{path}: already exists (--output never overwrites; use --in-place to edit a file)")
 
 
-def write_atomically(path: Path, text: str, replace: bool):
-    """Write ``text`` to a temporary file beside ``path``, then put it in place:
-    renamed over ``path`` (``replace``, keeping its mode) or linked as a new
-    name, which fails rather than overwrite a file that appeared meanwhile."""
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        if replace:
-            os.chmod(temporary, path.stat().st_mode & 0o7777)
-            os.replace(temporary, path)
-        else:
-            try:
-                os.link(temporary, path)
-            except FileExistsError:
-                raise exists_error(path) from None
-            os.unlink(temporary)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
-
-
 def main():
     args = setup_arg_parser().parse_args()
     cli.run(lambda: run_edit(args))
@@ -159,20 +134,22 @@ def run_edit(args):
         chat_template_kwargs=args.chat_template_config,
         **params,
     )
-    with cli.make_view(args) as view:
+    # Exactly the edited text: no newline added after it.
+    with cli.make_view(args, final_newline=False) as view:
         for last in stream:
             if last.finished:
-                # Exactly the edited text: no newline added after it.
-                view.final_newline = False
                 if to_stdout:
                     view.write(last.text)
             elif view.wants_draft():
                 status = f"canvas {last.window + 1}, step {last.max_denoising_steps - last.step + 1}"
                 view.draft_parts(last.draft_parts(context=True), status)
     if args.in_place:
-        write_atomically(Path(args.file), last.text, replace=True)
+        cli.write_file(Path(args.file), last.text)
     elif args.output:
-        write_atomically(Path(args.output), last.text, replace=False)
+        try:
+            cli.write_file(Path(args.output), last.text, overwrite=False)
+        except FileExistsError:
+            raise exists_error(Path(args.output)) from None
     if not to_stdout:
         print(f"{args.file if args.in_place else args.output}: written", file=sys.stderr)
     if args.verbose:

@@ -130,8 +130,8 @@ def run_infill(args, model, tokenizer, prefix, suffix, params):
                 view.write(last.text)
             elif view.wants_draft():
                 status = f"canvas {last.window + 1}, step {last.max_denoising_steps - last.step + 1}"
-                if args.infill_length is None and last.scores:
-                    status += f", best length so far {last.length} of {len(last.scores)} tried"
+                if args.infill_length is None and last.leading_length() is not None:
+                    status += f", leading length {last.leading_length()}"
                 view.draft_parts(last.draft_parts(), status)
     if args.verbose:
         print("=" * 10)

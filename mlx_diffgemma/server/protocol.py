@@ -237,21 +237,6 @@ def _infill_prefix(body: dict) -> str:
     return "".join(chunks) + prefix + _get(body, "prompt", str, "a string", "")
 
 
-def _spans(value) -> List[Tuple[int, int]]:
-    if not isinstance(value, list) or not value:
-        raise bad("'spans' must be a non-empty array of [start, end] character offsets", "spans")
-    spans = []
-    for i, span in enumerate(value):
-        if (
-            not isinstance(span, list)
-            or len(span) != 2
-            or not all(isinstance(x, int) and not isinstance(x, bool) for x in span)
-        ):
-            raise bad(f"'spans[{i}]' must be [start, end], two integers (got {json.dumps(span)[:40]})", "spans")
-        spans.append((span[0], span[1]))
-    return spans
-
-
 def parse_request(kind: str, body: Any, default_max_tokens: int, template_defaults: Dict[str, Any]) -> Request:
     """A checked ``Request`` from a decoded body, or ``APIError`` (400)."""
     if not isinstance(body, dict):
@@ -328,9 +313,8 @@ def parse_request(kind: str, body: Any, default_max_tokens: int, template_defaul
         request.text = _get(body, "text", str, "a string")
         if request.text is None:
             raise bad("'text' is required", "text")
-        request.spans = _spans(body.get("spans"))
         try:
-            check_spans(request.text, request.spans)
+            request.spans = check_spans(request.text, body.get("spans"))
         except ValueError as e:
             raise bad(str(e), "spans") from None
         request.instruction = _get(body, "instruction", str, "a string")
