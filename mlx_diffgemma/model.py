@@ -298,6 +298,15 @@ class Model(nn.Module):
             soft = probs @ e.weight
         return soft * self._embed_scale(dtype)
 
+    def sparse_soft_embedding(self, tokens: mx.array, weights: mx.array) -> mx.array:
+        """``soft_embedding`` of a distribution kept only at ``tokens`` [B, C, k]
+        (``weights`` [B, C, k], renormalised here): k gathered embedding rows
+        per position instead of a product over the whole vocabulary."""
+        weights = weights / weights.sum(axis=-1, keepdims=True)
+        rows = self.embed_tokens(tokens)  # [B, C, k, D], dequantized if need be
+        soft = (weights[..., None].astype(rows.dtype) * rows).sum(axis=-2)
+        return soft * self._embed_scale(rows.dtype)
+
     def logits(self, hidden: mx.array) -> mx.array:
         out = self.embed_tokens.as_linear(hidden).astype(mx.float32)
         cap = self.args.final_logit_softcapping
@@ -309,18 +318,20 @@ class Model(nn.Module):
         cache: PromptCache,
         self_conditioning: Optional[mx.array] = None,
         self_conditioning_probs: Optional[mx.array] = None,
+        soft_embedding: Optional[mx.array] = None,
     ) -> mx.array:
         """Float32 logits [B, C, V] for ``canvas`` given the cache; the cache is unchanged.
 
         ``self_conditioning`` is the previous step's processed logits, or None on
         a canvas' first step. A caller that already holds their softmax may pass
-        ``self_conditioning_probs`` instead, saving a pass over the vocabulary.
+        ``self_conditioning_probs`` instead, saving a pass over the vocabulary,
+        or the soft embedding [B, C, D] itself (``soft_embedding``).
         """
         h = self._embed(canvas)
         probs = self_conditioning_probs
         if probs is None and self_conditioning is not None:
             probs = mx.softmax(self_conditioning.astype(mx.float32), axis=-1)
-        soft = None if probs is None else self.soft_embedding(probs)
+        soft = soft_embedding if probs is None else self.soft_embedding(probs)
         h = self.self_conditioning(h, soft)
         return self.logits(self._run_layers(h, cache, encoding=False))
 

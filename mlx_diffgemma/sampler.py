@@ -116,6 +116,33 @@ def sample_from(dist: Distribution, key: mx.array) -> mx.array:
     return mx.minimum(index, cdf.shape[-1] - 1).astype(TOKEN_DTYPE)
 
 
+TOP_K_BLOCK = 256  # vocabulary entries per block in ``top_k``'s first pass
+
+
+def top_k(weights: mx.array, k: int) -> Tuple[mx.array, mx.array]:
+    """The ``k`` largest of ``weights`` [..., V] per row: (indices, values), in no order.
+
+    Exact, in two passes instead of a selection over the whole vocabulary
+    (which on a CPU costs more than the product it would save): the k blocks
+    of TOP_K_BLOCK entries with the largest maxima hold the k largest entries
+    (a block holding one of them has a maximum at least the k-th largest,
+    and only k blocks can hold them), so the selection runs on k blocks.
+    Ties at the k-th value may be broken differently from a full selection.
+    """
+    V = weights.shape[-1]
+    n_blocks = V // TOP_K_BLOCK
+    if V % TOP_K_BLOCK or n_blocks <= 2 * k:
+        index = mx.argpartition(-weights, kth=k - 1, axis=-1)[..., :k]
+        return index, mx.take_along_axis(weights, index, axis=-1)
+    blocks = weights.reshape(*weights.shape[:-1], n_blocks, TOP_K_BLOCK)
+    best_blocks = mx.argpartition(-blocks.max(axis=-1), kth=k - 1, axis=-1)[..., :k]
+    # [..., k * TOP_K_BLOCK] vocabulary ids of the candidate entries.
+    ids = (best_blocks[..., None] * TOP_K_BLOCK + mx.arange(TOP_K_BLOCK)).reshape(*weights.shape[:-1], -1)
+    candidates = mx.take_along_axis(weights, ids, axis=-1)
+    picked = mx.argpartition(-candidates, kth=k - 1, axis=-1)[..., :k]
+    return mx.take_along_axis(ids, picked, axis=-1), mx.take_along_axis(candidates, picked, axis=-1)
+
+
 def argmax_tokens(processed_logits: mx.array) -> mx.array:
     """Most likely token per position (first index on ties, as torch.argmax)."""
     return mx.argmax(processed_logits, axis=-1).astype(TOKEN_DTYPE)
@@ -138,6 +165,7 @@ class DenoiseStep(NamedTuple):
     entropy: mx.array  # [B, C] float32, reused by the stop check
     accepted: mx.array  # [B, C] bool
     probs: mx.array  # [B, C, V] float32 softmax of the processed logits
+    weights: mx.array  # [B, C, V] the same unnormalised (max 1 per position)
     # [B, C] float32: log-probability of each fixed position's token under the
     # processed logits (0 elsewhere); None without fixed positions. How much
     # the model agrees with the given text: infilling ranks gap lengths by it.
@@ -193,7 +221,7 @@ def denoise_step_update(
         next_canvas = mx.where(fixed.mask, tokens, next_canvas)
         argmax = mx.where(fixed.mask, tokens, argmax)
         fixed_logprob = mx.where(fixed.mask, dist.log_prob(tokens), 0.0)
-    return DenoiseStep(next_canvas, argmax, entropy, accepted, dist.probs, fixed_logprob)
+    return DenoiseStep(next_canvas, argmax, entropy, accepted, dist.probs, dist.weights, fixed_logprob)
 
 
 def hold_finished_rows(finished: mx.array, previous: mx.array, updated: mx.array) -> mx.array:

@@ -324,7 +324,7 @@ def test_sampler_flags_come_from_the_settings():
     for parser in (generate_parser(), chat_parser()):
         (group,) = [g for g in parser._action_groups if g.title == "denoising"]
         flags = [a.dest for a in group._group_actions]
-        assert flags == list(SAMPLER_SETTINGS)
+        assert flags == list(SAMPLER_SETTINGS) + ["fast"]
         text = " ".join(parser.format_help().split())
         for name in SAMPLER_SETTINGS:
             default = getattr(SamplerParams(), name)

@@ -28,13 +28,13 @@ from pathlib import Path
 import numpy as np
 
 from mlx_diffgemma import load, stream_generate
+from mlx_diffgemma.benchmark.work import read_problems
 from mlx_diffgemma.chat_template import plain_ids, render
 from mlx_diffgemma.infill import edit, last, stream_infill
 from mlx_diffgemma.thinking import END_OF_TURN
 
 sys.path.insert(0, str(Path(__file__).parent))
 from build import ALPHABET  # noqa: E402
-from evaluate import read_problems  # noqa: E402
 
 MAX_GAP = 16  # gaps of 1..16 characters (tokens: the tokenizer is one per character)
 METHODS = (

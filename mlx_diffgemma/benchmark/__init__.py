@@ -29,7 +29,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -43,6 +43,7 @@ from ..utils import get_model_path, load
 from .breakdown import COMPONENT_NAMES, COMPONENTS, run_breakdown
 from .common import NEVER_CONFIDENT, median, set_dtype, step_intervals, weight_bytes
 from .compare import COMPARISONS, compare_autoregressive, compare_mlx_vlm, compare_transformers, require
+from .work import VARIANT_HELP, VARIANTS, evaluate, evaluation_file, generation_flops, read_problems
 
 # ---------------------------------------------------------------------------
 # Presets: config dicts in the checkpoint's config.json format.
@@ -159,6 +160,11 @@ class Options:
     repeats: int = 5
     compare: List[str] = field(default_factory=list)
     seed: int = 0
+    self_conditioning_top_k: int = 0
+    fast: bool = False
+    data: Optional[str] = None
+    limit: Optional[int] = None
+    variants: List[str] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------
@@ -262,12 +268,19 @@ def random_prompts(batch: int, length: int, vocab: int, seed: int) -> List[List[
     return mx.random.randint(0, vocab, (batch, length), key=mx.random.key(seed)).tolist()
 
 
-def sampler_overrides(fixed_steps: Optional[int], vocab: int) -> dict:
-    """stream_generate settings: the checkpoint's, or fixed steps with stopping and EOS off."""
+def sampler_overrides(fixed_steps: Optional[int], vocab: int, top_k: int = 0, fast: bool = False) -> dict:
+    """stream_generate settings: the checkpoint's (or ``fast``), or fixed steps
+    with stopping and EOS off; ``top_k`` sparse self-conditioning."""
+    overrides = {}
+    if fast:
+        overrides["fast"] = True
+    if top_k:
+        overrides["self_conditioning_top_k"] = top_k
     if fixed_steps is None:
-        return {}
+        return overrides
     # An id outside the vocabulary is never generated, so no canvas ends early.
     return dict(
+        overrides,
         max_denoising_steps=fixed_steps,
         confidence_threshold=NEVER_CONFIDENT,
         eos_token_id=[vocab],
@@ -313,6 +326,9 @@ def run_generation(
     step_time = median(steps)
     tokens = sum(r.generation_tokens for r in rows)
     canvases = marks[-1][0] + 1 if marks else 0
+    per_canvas = [sum(1 for c, _ in marks if c == index) for index in range(canvases)]
+    flops = generation_flops(model.args, B, P, per_canvas, params.self_conditioning_top_k)
+    committed = sum(r.generation_tokens + (r.stop_token is not None) for r in rows)
     return dict(
         batch_size=B,
         prompt_tokens=P,
@@ -331,7 +347,39 @@ def run_generation(
         end_to_end_tps=tokens / total,
         canvas_positions_per_s=B * model.canvas_length / step_time if step_time else None,
         peak_memory_gb=max(r.peak_memory for r in rows),
+        denoise_flops_per_token=flops["denoise"] / max(committed, 1),
+        flops_per_token=(flops["denoise"] + flops["encode"]) / max(committed, 1),
     )
+
+
+def _mode(options: Options) -> str:
+    mode = (
+        f"{options.fixed_steps} fixed steps (stopping and EOS off)"
+        if options.fixed_steps
+        else ("the fast setting" if options.fast else "checkpoint sampler") + " (adaptive stopping)"
+    )
+    if options.self_conditioning_top_k:
+        mode += f", self-conditioning on the top {options.self_conditioning_top_k} tokens"
+    return mode
+
+
+def run_evaluation(model: Model, tokenizer, options: Options) -> dict:
+    """Accuracy and work per committed token of each variant on the evaluation set."""
+    path = evaluation_file(options.data)
+    problems = read_problems(path, options.limit)
+    names = options.variants or list(VARIANTS)
+    if "reference" not in names:
+        names = ["reference"] + names  # what the others are measured against
+    variants = {}
+    for name in names:
+        _log(f"Evaluating {name!r} on {len(problems)} problems of {path}...")
+        variants[name] = evaluate(model, tokenizer, problems, seed=options.seed, **VARIANTS[name])
+    reference = variants["reference"]
+    for v in variants.values():
+        v["fewer_flops_than_reference"] = reference["flops_per_token"] / v["flops_per_token"]
+        v["fewer_denoise_flops_than_reference"] = reference["denoise_flops_per_token"] / v["denoise_flops_per_token"]
+        v["accuracy_change_points"] = 100 * (v["accuracy"] - reference["accuracy"])
+    return dict(data=str(path), problems=len(problems), variants=variants)
 
 
 # ---------------------------------------------------------------------------
@@ -358,18 +406,31 @@ def validate(options: Options):
         raise ValueError("--compare needs --fixed-steps N: every implementation then runs exactly N steps")
     if options.recipe is not None and options.recipe not in RECIPES:
         raise ValueError(f"unknown recipe {options.recipe!r} (choose from {', '.join(RECIPES)})")
+    if options.self_conditioning_top_k < 0:
+        raise ValueError("--self-conditioning-top-k must be at least 0")
+    if options.data is not None:
+        if options.model is None:
+            raise ValueError("--data needs --model: random weights answer nothing")
+        evaluation_file(options.data)
+    if options.limit is not None and options.limit < 1:
+        raise ValueError("--limit must be at least 1")
+    unknown = [v for v in options.variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variant {unknown[0]!r} (choose from {', '.join(VARIANTS)})")
+    if options.variants and options.data is None:
+        raise ValueError("--variants needs --data: they are compared by their accuracy")
     require(options.compare)
 
 
-def _load_or_build(options: Options, checkpoint: Optional[Path]) -> Tuple[Model, dict, str]:
-    """Our model, its config dict, and where it came from."""
+def _load_or_build(options: Options, checkpoint: Optional[Path]):
+    """Our model, its tokenizer (None for a preset), its config dict, and where it came from."""
     if checkpoint is not None:
-        model, _ = load(str(checkpoint))
+        model, tokenizer = load(str(checkpoint))
         config = json.loads((checkpoint / "config.json").read_text())
         source = options.model or f"preset {options.preset!r} (random weights, via a transformers checkpoint)"
-        return model, config, source
+        return model, tokenizer, config, source
     config = copy.deepcopy(PRESETS[options.preset])
-    return random_model(config, options.seed), config, f"preset {options.preset!r} (random weights)"
+    return random_model(config, options.seed), None, config, f"preset {options.preset!r} (random weights)"
 
 
 def run_benchmark(options: Options) -> dict:
@@ -395,7 +456,7 @@ def run_benchmark(options: Options) -> dict:
 
 def _run(options: Options, checkpoint: Optional[Path]) -> dict:
     _log("Building the model..." if checkpoint is None else f"Loading {checkpoint}...")
-    model, config, source = _load_or_build(options, checkpoint)
+    model, tokenizer, config, source = _load_or_build(options, checkpoint)
     dtype = getattr(mx, options.dtype) if options.dtype else None
     if dtype is not None:
         set_dtype(model, dtype)
@@ -403,7 +464,7 @@ def _run(options: Options, checkpoint: Optional[Path]) -> dict:
 
     args = model.args
     prompts = random_prompts(options.batch_size, options.prompt_tokens, args.vocab_size, options.seed)
-    overrides = sampler_overrides(options.fixed_steps, args.vocab_size)
+    overrides = sampler_overrides(options.fixed_steps, args.vocab_size, options.self_conditioning_top_k, options.fast)
     params = SamplerParams.resolve(model, **overrides)
     result = dict(
         model=dict(
@@ -421,9 +482,7 @@ def _run(options: Options, checkpoint: Optional[Path]) -> dict:
             prompt_tokens=options.prompt_tokens,
             max_tokens=options.max_tokens,
             batch_size=options.batch_size,
-            mode=f"{options.fixed_steps} fixed steps (stopping and EOS off)"
-            if options.fixed_steps
-            else "checkpoint sampler (adaptive stopping)",
+            mode=_mode(options),
             sampler={k: v for k, v in asdict(params).items() if k != "eos_token_id"},
             seed=options.seed,
         ),
@@ -434,6 +493,8 @@ def _run(options: Options, checkpoint: Optional[Path]) -> dict:
     if options.breakdown:
         _log("Timing the parts of one denoising step...")
         result["breakdown"] = run_breakdown(model, prompts, params, options.repeats, options.seed)
+    if options.data:
+        result["evaluation"] = run_evaluation(model, tokenizer, options)
     del model
     gc.collect()
     mx.clear_cache()
@@ -528,6 +589,11 @@ def format_report(result: dict) -> str:
                 f"({g['generation_tokens']} tokens; {_fmt(g['end_to_end_tps'], '.2f')} end to end)",
             ],
             ["canvas positions/s", _fmt(g["canvas_positions_per_s"], ".1f"), "(batch x canvas / step time)"],
+            [
+                "GFLOP per committed token",
+                _fmt(g["flops_per_token"] / 1e9, ".4g"),
+                f"({_fmt(g['denoise_flops_per_token'] / 1e9, '.4g')} denoising, the rest encoding canvases)",
+            ],
             ["peak memory", _fmt_bytes(g["peak_memory_gb"]), ""],
         ]
     )
@@ -564,9 +630,53 @@ def format_report(result: dict) -> str:
                 _fmt(b["step_over_floor"], ".1f"),
             ]
         )
+        t = b["transcendental_s"]
         lines += _rows(rows)
+        lines.append(
+            f"  floor with one exp ({_fmt(t['exp'] * 1e3, '.1f')} ms) and one tanh ({_fmt(t['tanh'] * 1e3, '.1f')} ms) "
+            f"over the logits, each timed alone: {_fmt(b['full_floor_s'] * 1e3, '.1f')} ms; "
+            f"the step is x{_fmt(b['step_over_full_floor'], '.2f')} of it"
+        )
         if b["not_called"]:
             lines.append(f"  (not called as a submodule, so not timed: {', '.join(b['not_called'])})")
+
+    e = result.get("evaluation")
+    if e:
+        lines += [
+            "",
+            f"Accuracy and work per committed token ({e['problems']} problems of {e['data']}; "
+            "'x fewer' = the reference's FLOPs per token over the variant's; tok/s: committed tokens "
+            "over the whole evaluation's time, prompts included)",
+        ]
+        rows = [
+            [
+                "variant",
+                "exact match",
+                "steps/canvas",
+                "tokens/forward",
+                "MFLOP/token",
+                "x fewer",
+                "denoising MFLOP/token",
+                "x fewer",
+                "tok/s",
+            ]
+        ]
+        for name, v in e["variants"].items():
+            rows.append(
+                [
+                    name,
+                    f"{100 * v['accuracy']:.1f}%",
+                    _fmt(v["steps_per_canvas"], ".3f"),
+                    _fmt(v["tokens_per_forward"], ".2f"),
+                    _fmt(v["flops_per_token"] / 1e6, ".2f"),
+                    _fmt(v["fewer_flops_than_reference"], ".2f"),
+                    _fmt(v["denoise_flops_per_token"] / 1e6, ".2f"),
+                    _fmt(v["fewer_denoise_flops_than_reference"], ".2f"),
+                    _fmt(v["tokens_per_s"], ".1f"),
+                ]
+            )
+        lines += _rows(rows)
+        lines += [f"  {name}: {VARIANT_HELP[name]}" for name in e["variants"]]
 
     comparisons = result.get("compare")
     if comparisons:

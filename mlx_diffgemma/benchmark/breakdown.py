@@ -104,41 +104,60 @@ class Product(NamedTuple):
         return 2 * math.prod(self.a) * out * self.count
 
 
-def matmul_shapes(args: ModelArgs, batch: int, cache_len: int) -> Dict[str, List[Product]]:
-    """The matrix products of one denoising step, per component.
+def layer_shapes(args: ModelArgs, batch: int, queries: int, cache_len: int) -> Dict[str, List[Product]]:
+    """The layers' matrix products for ``queries`` new positions per row after
+    ``cache_len`` cached ones (a canvas being denoised, or tokens being encoded).
 
-    N = batch x canvas rows. Per layer: q/k/(v)/o projections and, per query
-    head, scores q @ k^T and values p @ v over the K keys the canvas sees
-    (cached keys, at most window - 1 on sliding layers, plus the canvas);
-    grouped KV heads are counted once per query head, as computed. The experts
-    are counted as their equal-FLOP dense products: top_k x N rows through one
-    expert's gate, up and down. The self-conditioning rows are for a step that
-    has a signal (every step but a canvas' first): probabilities [N, V] times
-    the embedding [V, D], then its MLP.
+    Per layer: q/k/(v)/o projections and, per query head, scores q @ k^T and
+    values p @ v over the K keys the queries see (cached keys, at most
+    window - 1 on sliding layers, plus the new positions; encoding computes
+    the causal half too, so it is counted); grouped KV heads are counted once
+    per query head, as computed. The experts are counted as their equal-FLOP
+    dense products: top_k x N rows through one expert's gate, up and down.
     """
-    C, D, H = args.canvas_length, args.hidden_size, args.num_attention_heads
-    I, M, V = args.intermediate_size, args.moe_intermediate_size, args.vocab_size
-    N = batch * C
-
-    def mlp(rows, hidden):
-        return [Product((rows, D), (hidden, D), 2), Product((rows, hidden), (D, hidden))]
-
-    shapes = {name: [] for name in COMPONENTS}
+    Q, D, H = queries, args.hidden_size, args.num_attention_heads
+    I, M = args.intermediate_size, args.moe_intermediate_size
+    N = batch * Q
+    shapes = {"attention": [], "dense_mlp": [], "experts": []}
     for i, kind in enumerate(args.layer_types):
         d, g = args.layer_head_dims[i], args.layer_kv_heads[i]
         sliding = kind == "sliding_attention"
-        K = (min(cache_len, args.sliding_window - 1) if sliding else cache_len) + C
+        K = (min(cache_len, args.sliding_window - 1) if sliding else cache_len) + Q
         shapes["attention"] += [
             Product((N, D), (H * d, D)),
             Product((N, D), (g * d, D), 2 if sliding else 1),  # k, and v on sliding layers
             Product((N, H * d), (D, H * d)),
-            Product((batch, H, C, d), (batch, H, K, d)),  # scores
-            Product((batch, H, C, K), (batch, H, K, d), transposed=False),  # values
+            Product((batch, H, Q, d), (batch, H, K, d)),  # scores
+            Product((batch, H, Q, K), (batch, H, K, d), transposed=False),  # values
         ]
-        shapes["dense_mlp"] += mlp(N, I)
-        shapes["experts"] += [Product((N, D), (args.num_experts, D))] + mlp(N * args.top_k_experts, M)
+        shapes["dense_mlp"] += _mlp(N, D, I)
+        shapes["experts"] += [Product((N, D), (args.num_experts, D))] + _mlp(N * args.top_k_experts, D, M)
+    return shapes
+
+
+def _mlp(rows: int, dims: int, hidden: int) -> List[Product]:
+    return [Product((rows, dims), (hidden, dims), 2), Product((rows, hidden), (dims, hidden))]
+
+
+def matmul_shapes(
+    args: ModelArgs, batch: int, cache_len: int, self_conditioning: bool = True, top_k: int = 0
+) -> Dict[str, List[Product]]:
+    """The matrix products of one denoising step, per component.
+
+    The layers' as ``layer_shapes`` counts them for the canvas, then the LM
+    head. ``self_conditioning`` is False for a canvas' first step (no
+    signal, no products); otherwise probabilities [N, V] times the embedding
+    [V, D], or with ``top_k`` the k gathered rows per position weighted and
+    summed (2 N k D, counted as one [N, k] x [k, D] product), then its MLP.
+    """
+    C, D, V = args.canvas_length, args.hidden_size, args.vocab_size
+    N = batch * C
+    shapes = {name: [] for name in COMPONENTS}
+    shapes.update(layer_shapes(args, batch, C, cache_len))
     shapes["lm_head"] = [Product((N, D), (V, D))]
-    shapes["self_conditioning"] = [Product((N, V), (V, D), transposed=False)] + mlp(N, I)
+    if self_conditioning:
+        soft = Product((N, top_k), (top_k, D), transposed=False) if top_k else Product((N, V), (V, D), transposed=False)
+        shapes["self_conditioning"] = [soft] + _mlp(N, D, args.intermediate_size)
     return shapes
 
 
@@ -157,6 +176,16 @@ def matmul_floor(shapes: List[Product], dtype: mx.Dtype) -> Callable[[], List[mx
         operands.append((a, mx.swapaxes(b, -1, -2) if p.transposed else b, p.count))
     mx.eval([(a, b) for a, b, _ in operands])
     return lambda: [mx.matmul(a, b) for a, b, count in operands for _ in range(count)]
+
+
+TRANSCENDENTAL = ("exp", "tanh")
+
+
+def transcendental_floor(batch: int, canvas: int, vocab: int) -> Dict[str, Callable[[], mx.array]]:
+    """One exp and one tanh pass over float32 logits [B, C, V], as timed functions."""
+    logits = mx.random.normal((batch, canvas, vocab), key=mx.random.key(1))
+    mx.eval(logits)
+    return {"floor/exp": lambda: mx.exp(logits), "floor/tanh": lambda: mx.tanh(logits)}
 
 
 @dataclass
@@ -216,6 +245,8 @@ def step_functions(model: Model, step: StepInputs, params: SamplerParams) -> Dic
         # With a float32 model the decoder gets the sampler's probabilities;
         # otherwise it takes the softmax of the processed logits itself.
         signal = step.state.signal
+        if params.self_conditioning_top_k:  # the signal is the soft embedding itself
+            return block(embeds, signal)
         probs = signal if uses_probs(model) else mx.softmax(signal.astype(mx.float32), axis=-1)
         return block(embeds, model.soft_embedding(probs))
 
@@ -235,9 +266,10 @@ def run_breakdown(model: Model, prompts: List[List[int]], params: SamplerParams,
     and the same step's matrix products alone."""
     step = prepare_step(model, prompts, params, seed)
     functions = step_functions(model, step, params)
-    shapes = matmul_shapes(model.args, len(prompts), step.cache.offset)
+    shapes = matmul_shapes(model.args, len(prompts), step.cache.offset, True, params.self_conditioning_top_k)
     # Quantized weights leave the norms in the float dtype the products run in.
     floors = {f"floor/{name}": matmul_floor(shapes[name], model.dtype) for name in COMPONENTS if shapes[name]}
+    floors.update(transcendental_floor(len(prompts), model.canvas_length, model.args.vocab_size))
     times = interleaved_medians({**{k: f for k, f in functions.items() if f}, **floors}, repeats)
     del floors
     mx.clear_cache()
@@ -262,11 +294,14 @@ def run_breakdown(model: Model, prompts: List[List[int]], params: SamplerParams,
     )
     floor_total = sum(c["floor_s"] for c in components.values())
     flops_total = sum(c["gflop"] for c in components.values())
+    transcendental = {name: times[f"floor/{name}"] for name in TRANSCENDENTAL}
     return dict(
         step_time_s=step_time,
         cache_length=step.cache.offset,
         repeats=repeats,
-        self_conditioning_from="sampler probabilities"
+        self_conditioning_from=f"the top {params.self_conditioning_top_k} of the sampler probabilities"
+        if params.self_conditioning_top_k
+        else "sampler probabilities"
         if uses_probs(model)
         else "processed logits (softmax counted here)",
         components=components,
@@ -274,5 +309,10 @@ def run_breakdown(model: Model, prompts: List[List[int]], params: SamplerParams,
         gflops_per_s=flops_total / step_time,
         matmul_floor_s=floor_total,
         step_over_floor=step_time / floor_total if floor_total else None,
+        # The step's one exp (sampler) and one tanh (softcap) over the logits,
+        # each timed alone: transcendental passes no implementation avoids.
+        transcendental_s=transcendental,
+        full_floor_s=floor_total + sum(transcendental.values()),
+        step_over_full_floor=step_time / (floor_total + sum(transcendental.values())),
         not_called=[name for name in COMPONENTS if functions[name] is None],
     )

@@ -18,7 +18,7 @@ from typing import Callable, Dict, Optional
 import mlx.core as mx
 
 from ..chat_template import TEMPLATE_ARGUMENTS
-from ..generate import SAMPLER_SETTINGS, SETTING_INFO, check_seed, setting_problem
+from ..generate import FAST, SAMPLER_SETTINGS, SETTING_INFO, check_seed, setting_problem
 from ..live import LiveView, PlainView
 from ..utils import DEFAULT_MODEL, LoadError, is_hub_id, load
 
@@ -139,6 +139,13 @@ def add_sampler_arguments(parser: argparse.ArgumentParser):
             metavar=info["metavar"],
             help=f"{info['help'].rstrip('.')} (default: {info['default']:g}).",
         )
+    group.add_argument(
+        "--fast",
+        action="store_true",
+        default=None,
+        help=f"Less work per token than the reference sampler, at a measured cost in accuracy "
+        f"(docs/benchmarks.md): {', '.join(f'{k}={v}' for k, v in FAST.items())}; flags set here win.",
+    )
 
 
 def add_output_arguments(parser: argparse.ArgumentParser):
@@ -169,7 +176,8 @@ def make_view(args, final_newline: bool = True):
 
 def sampler_params(args) -> Dict[str, object]:
     """The sampler flags the user set (unset ones are left to the checkpoint)."""
-    return {name: getattr(args, name) for name in SAMPLER_SETTINGS if getattr(args, name) is not None}
+    names = SAMPLER_SETTINGS + ("fast",)
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
 # -- Standard input -------------------------------------------------------------

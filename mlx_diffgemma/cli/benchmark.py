@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..benchmark import PRESETS, Options, format_report, run_benchmark, validate
 from ..benchmark.compare import COMPARISONS
+from ..benchmark.work import VARIANTS
 from ..convert import RECIPES
 from . import ArgumentParser, run, write_file
 
@@ -56,6 +57,30 @@ def setup_arg_parser() -> ArgumentParser:
         default=[],
         choices=COMPARISONS,
         help="also run transformers, mlx-vlm and/or autoregressive mlx-lm (needs --fixed-steps)",
+    )
+    parser.add_argument(
+        "--self-conditioning-top-k",
+        type=int,
+        default=0,
+        metavar="K",
+        help="time steps that self-condition on the top K tokens (default 0: the whole vocabulary)",
+    )
+    parser.add_argument("--fast", action="store_true", help="time the fast setting instead of the reference sampler")
+    parser.add_argument(
+        "--data",
+        default=None,
+        metavar="PATH",
+        help="with --model: an evaluation set (jsonl of chat messages, or a directory with test.jsonl) "
+        "to measure each variant's exact-match accuracy and work per committed token on",
+    )
+    parser.add_argument("--limit", type=int, default=None, help="only the first N problems of --data")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        action="extend",
+        default=[],
+        choices=tuple(VARIANTS),
+        help="sampler variants to evaluate with --data (default: all; the reference always)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts (default 0)")
     parser.add_argument("--format", choices=("table", "json"), default="table", help="what to print")

@@ -264,6 +264,8 @@ def parse_request(kind: str, body: Any, default_max_tokens: int, template_defaul
     if n > MAX_N:
         raise bad(f"'n' must be at most {MAX_N} (got {n})", "n")
     sampler = {}
+    if _get(body, "fast", bool, "a boolean") is not None:
+        sampler["fast"] = body["fast"]
     for name in SAMPLER_SETTINGS:
         if body.get(name) is not None:
             try:

@@ -1,0 +1,152 @@
+"""Work per committed token: the FLOPs a generation spends, counted from its
+steps, and the accuracy it buys on a checkpoint's evaluation set.
+
+A canvas costs one denoising step per step it runs (the first without
+self-conditioning) and, unless it is the last, one encoding of its committed
+tokens into the cache. No sampler rule removes that encoding: it is the floor
+of one forward pass per canvas.
+"""
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from ..config import ModelArgs
+from ..generate import Progress, SamplerParams, stream_generate
+from ..thinking import END_OF_TURN
+from .breakdown import layer_shapes, matmul_flops, matmul_shapes
+
+
+def step_flops(args: ModelArgs, batch: int, cache_len: int, self_conditioning: bool, top_k: int = 0) -> int:
+    shapes = matmul_shapes(args, batch, cache_len, self_conditioning, top_k)
+    return sum(matmul_flops(s) for s in shapes.values())
+
+
+def encode_flops(args: ModelArgs, batch: int, tokens: int, cache_len: int) -> int:
+    return sum(matmul_flops(s) for s in layer_shapes(args, batch, tokens, cache_len).values())
+
+
+def generation_flops(
+    args: ModelArgs, batch: int, prompt_tokens: int, steps_per_canvas: Sequence[int], top_k: int = 0
+) -> Dict[str, int]:
+    """FLOPs of the denoising steps and of the canvas encodings of one
+    generation after a prompt of ``prompt_tokens`` (prompt encoding apart)."""
+    C = args.canvas_length
+    denoise = encode = 0
+    for index, steps in enumerate(steps_per_canvas):
+        cache_len = prompt_tokens + index * C
+        denoise += step_flops(args, batch, cache_len, False, top_k)
+        denoise += (steps - 1) * step_flops(args, batch, cache_len, True, top_k)
+        if index < len(steps_per_canvas) - 1:
+            encode += encode_flops(args, batch, C, cache_len)
+    return dict(denoise=denoise, encode=encode)
+
+
+# The sampler settings the accuracy table compares, by name: each departs
+# from the reference in one way (``fast`` is generate.FAST).
+VARIANTS = {
+    "reference": {},
+    "top-k-8": dict(self_conditioning_top_k=8),
+    "1-step": dict(max_denoising_steps=1),
+    "2-steps": dict(max_denoising_steps=2),
+    "confident-once": dict(stability_threshold=0),
+    "confident-once-0.05": dict(stability_threshold=0, confidence_threshold=0.05),
+    "fast": dict(fast=True),
+}
+
+VARIANT_HELP = {
+    "reference": "the checkpoint's sampler, as transformers runs it",
+    "top-k-8": "self-conditioning on the 8 most likely tokens of the last step",
+    "1-step": "one denoising step per canvas: its argmax is committed",
+    "2-steps": "at most 2 steps per canvas",
+    "confident-once": "stop at the first confident step (stability threshold 0)",
+    "confident-once-0.05": "the same, confident below 0.05 nats of mean entropy",
+    "fast": "the fast setting",
+}
+
+
+def read_problems(path: Path, limit: Optional[int] = None) -> List[Tuple[str, str]]:
+    """(question, answer) pairs from a jsonl file in the chat "messages" format
+    (a user turn, then the assistant's answer), as mlx_diffgemma.lora reads."""
+    problems = []
+    for number, line in enumerate(path.read_text().splitlines()[:limit], 1):
+        try:
+            messages = json.loads(line)["messages"]
+            question, answer = messages[0]["content"], messages[1]["content"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise ValueError(f"{path}:{number}: not a chat example (messages: a user turn, then the answer)") from None
+        problems.append((question, answer))
+    if not problems:
+        raise ValueError(f"{path}: no examples")
+    return problems
+
+
+def evaluation_file(data: str) -> Path:
+    """``data`` names a jsonl file, or a directory holding test.jsonl."""
+    path = Path(data).expanduser()
+    if path.is_dir():
+        path = path / "test.jsonl"
+    if not path.is_file():
+        raise ValueError(f"--data {data}: no such file (a jsonl file, or a directory with test.jsonl)")
+    return path
+
+
+@dataclass
+class Score:
+    """What one sampler setting gave on an evaluation set."""
+
+    problems: int = 0
+    exact: int = 0
+    canvases: int = 0
+    steps: int = 0
+    committed_tokens: int = 0  # tokens returned plus the EOS that ended each answer
+    denoise_flops: int = 0
+    encode_flops: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> dict:
+        tokens = max(self.committed_tokens, 1)
+        return dict(
+            problems=self.problems,
+            exact=self.exact,
+            accuracy=self.exact / self.problems,
+            canvases=self.canvases,
+            steps_per_canvas=self.steps / self.canvases,
+            tokens_per_forward=self.committed_tokens / self.steps,
+            denoise_flops_per_token=self.denoise_flops / tokens,
+            flops_per_token=(self.denoise_flops + self.encode_flops) / tokens,
+            seconds=self.seconds,
+            tokens_per_s=self.committed_tokens / max(self.seconds, 1e-9),
+        )
+
+
+def evaluate(
+    model, tokenizer, problems: Sequence[Tuple[str, str]], seed: int = 0, max_tokens: int = 256, **sampler
+) -> dict:
+    """Exact-match accuracy and work per committed token over ``problems``:
+    each question through the chat template and ``stream_generate`` (seed
+    ``seed`` + its index); the answer must equal the text before the end of
+    the turn, stripped."""
+    params = SamplerParams.resolve(model, **sampler)
+    score = Score(problems=len(problems))
+    tic = time.perf_counter()
+    for i, (question, answer) in enumerate(problems):
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
+        )
+        progress, text, last = Progress(), "", None
+        for last in stream_generate(model, tokenizer, prompt, max_tokens, seed=seed + i, **sampler):
+            progress.update(last)
+            text += last.text
+        score.exact += text.removesuffix(END_OF_TURN).strip() == answer
+        steps = [progress.steps[c] for c in sorted(progress.steps)]
+        score.canvases += len(steps)
+        score.steps += sum(steps)
+        score.committed_tokens += last.generation_tokens + (last.stop_token is not None)
+        flops = generation_flops(model.args, 1, last.prompt_tokens, steps, params.self_conditioning_top_k)
+        score.denoise_flops += flops["denoise"]
+        score.encode_flops += flops["encode"]
+    score.seconds = time.perf_counter() - tic
+    return score.summary()

@@ -1,0 +1,141 @@
+"""Work per committed token: the opt-in cheaper sampler settings, the fast
+setting and the benchmark's FLOP accounting."""
+
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_diffgemma import sampler
+from mlx_diffgemma.benchmark import PRESETS, random_model
+from mlx_diffgemma.benchmark.breakdown import layer_shapes, matmul_flops, matmul_shapes
+from mlx_diffgemma.benchmark.work import generation_flops, read_problems
+from mlx_diffgemma.generate import FAST, SamplerParams, stream_generate
+from mlx_diffgemma.model import Model
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return random_model(PRESETS["tiny"], seed=3)
+
+
+@pytest.mark.parametrize("vocab", [4096, 300])  # the two-pass path, and a vocabulary it does not split
+@pytest.mark.parametrize("k", [1, 8])
+def test_top_k_is_the_k_largest(vocab, k):
+    weights = mx.exp(mx.random.normal((2, 5, vocab), key=mx.random.key(vocab + k)) * 3)
+    index, values = sampler.top_k(weights, k)
+    w = np.array(weights)
+    expected = np.sort(w, axis=-1)[..., ::-1][..., :k]
+    assert np.array_equal(np.sort(np.array(values), axis=-1)[..., ::-1], expected)
+    assert np.array_equal(np.take_along_axis(w, np.array(index), axis=-1), np.array(values))
+    # Distinct entries, all from the vocabulary.
+    idx = np.array(index)
+    assert all(len(set(row)) == k for row in idx.reshape(-1, k)) and idx.max() < vocab
+
+
+def test_top_k_finds_entries_in_one_block():
+    """All of the k largest in one block of 256: the two-pass selection must
+    not take one entry per block."""
+    w = np.random.default_rng(0).uniform(0, 0.1, (1, 4096)).astype(np.float32)
+    w[0, 512:520] = np.arange(1, 9)
+    index, _ = sampler.top_k(mx.array(w), 8)
+    assert sorted(np.array(index)[0].tolist()) == list(range(512, 520))
+
+
+def test_sparse_soft_embedding_of_the_whole_vocabulary_is_the_soft_embedding(tiny):
+    V = tiny.args.vocab_size
+    probs = mx.softmax(mx.random.normal((1, tiny.canvas_length, V), key=mx.random.key(0)) * 4, axis=-1)
+    index, values = sampler.top_k(probs * 7.0, V)  # unnormalised: renormalised inside
+    sparse = tiny.sparse_soft_embedding(index, values)
+    assert np.allclose(np.array(sparse), np.array(tiny.soft_embedding(probs)), atol=1e-4, rtol=1e-4)
+    # With fewer tokens it is the embedding of the renormalised top of the distribution.
+    index, values = sampler.top_k(probs, 4)
+    rows = np.array(tiny.embed_tokens.weight)[np.array(index)]
+    p = np.array(values) / np.array(values).sum(-1, keepdims=True)
+    expected = (p[..., None] * rows).sum(-2) * np.sqrt(tiny.args.hidden_size)
+    assert np.allclose(np.array(tiny.sparse_soft_embedding(index, values)), expected, atol=1e-4)
+
+
+def test_fast_applies_its_settings_and_explicit_ones_win(tiny):
+    reference, fast = SamplerParams.resolve(tiny), SamplerParams.resolve(tiny, fast=True)
+    for name, value in FAST.items():
+        assert getattr(fast, name) == value != getattr(reference, name)
+    mine = SamplerParams.resolve(tiny, fast=True, stability_threshold=2, confidence_threshold=None)
+    assert mine.stability_threshold == 2
+    with pytest.raises(ValueError, match="self_conditioning_top_k must be at most the vocabulary size 4096"):
+        SamplerParams.resolve(tiny, self_conditioning_top_k=4097)
+    with pytest.raises(ValueError, match="self_conditioning_top_k must be >= 0"):
+        SamplerParams.resolve(tiny, self_conditioning_top_k=-1)
+
+
+def test_flops_follow_the_generation_s_own_passes(tiny, monkeypatch):
+    """generation_flops counts what the loop runs: every decoder call (with or
+    without a signal) and every canvas encode, at the cache length each sees."""
+    calls = []
+    denoise, encode = Model.denoise, Model.encode
+
+    def recording_denoise(self, canvas, cache, **signal):
+        calls.append(("denoise", cache.offset, any(v is not None for v in signal.values())))
+        return denoise(self, canvas, cache, **signal)
+
+    def recording_encode(self, ids, cache, left_padding=None):
+        calls.append(("encode", cache.offset, ids.shape[1]))
+        return encode(self, ids, cache, left_padding)
+
+    monkeypatch.setattr(Model, "denoise", recording_denoise)
+    monkeypatch.setattr(Model, "encode", recording_encode)
+    args, P, C = tiny.args, 40, tiny.canvas_length
+    prompt = list(range(3, 3 + P))
+    for top_k in (0, 8):
+        calls.clear()
+        steps = {}
+        for r in stream_generate(
+            tiny, None, prompt, 3 * C, seed=0, max_denoising_steps=3, self_conditioning_top_k=top_k
+        ):
+            steps[r.canvas_index] = r.max_denoising_steps - r.step + 1
+        expected = {"denoise": 0, "encode": 0}
+        for kind, offset, detail in calls[1:]:  # the first call encodes the prompt
+            if kind == "denoise":
+                shapes = matmul_shapes(args, 1, offset, detail, top_k)
+            else:
+                shapes = layer_shapes(args, 1, detail, offset)
+            expected[kind] += sum(matmul_flops(s) for s in shapes.values())
+        counted = generation_flops(args, 1, P, [steps[c] for c in sorted(steps)], top_k)
+        assert counted == expected
+        assert sum(kind == "encode" for kind, *_ in calls) == 1 + 2  # the prompt, then all canvases but the last
+
+
+def test_sparse_self_conditioning_costs_fewer_flops_than_the_vocabulary():
+    args = random_model(PRESETS["tiny"], 0).args
+    dense = sum(matmul_flops(s) for s in matmul_shapes(args, 1, 64, True, 0).values())
+    sparse = sum(matmul_flops(s) for s in matmul_shapes(args, 1, 64, True, 8).values())
+    V, D, N = args.vocab_size, args.hidden_size, args.canvas_length
+    assert dense - sparse == 2 * N * D * (V - 8)
+
+
+def test_read_problems_names_the_bad_line(tmp_path):
+    path = tmp_path / "test.jsonl"
+    path.write_text(
+        '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n{"text": 1}\n'
+    )
+    with pytest.raises(ValueError, match="test.jsonl:2: not a chat example"):
+        read_problems(path)
+    assert read_problems(path, limit=1) == [("q", "a")]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--data", "nowhere"], "--data needs --model"),
+        (["--variants", "fast"], "--variants needs --data"),
+        (["--variants", "quick"], "invalid choice: 'quick'"),
+        (["--self-conditioning-top-k", "-1"], "--self-conditioning-top-k must be at least 0"),
+    ],
+)
+def test_benchmark_rejects_bad_evaluation_flags(flags, message):
+    r = subprocess.run([sys.executable, "-m", "mlx_diffgemma.benchmark", *flags], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
