@@ -243,8 +243,8 @@ def sample_step(
     hold: bool = False,
 ):
     """The sampler's half of ``denoise_step``, from the decoder's logits on."""
-    processed = logits / params.temperature(step)
-    update = _denoise_rows(processed, params.entropy_bound, keys, fixed)
+    temperature = params.temperature(step)
+    update = _denoise_rows(logits, temperature, params.entropy_bound, keys, fixed)
     argmax, canvas = update.argmax_canvas, update.next_canvas
     if params.self_conditioning_top_k:
         # The next step's soft embedding [B, C, D], from k rows per position.
@@ -252,7 +252,7 @@ def sample_step(
     elif uses_probs(model):
         signal = update.probs
     else:
-        signal = processed.astype(model.dtype)
+        signal = (logits / temperature).astype(model.dtype)
     if hold:
         argmax = sampler.hold_finished_rows(state.stopped, state.argmax, argmax)
         canvas = sampler.hold_finished_rows(state.stopped, state.canvas, canvas)
@@ -261,12 +261,14 @@ def sample_step(
     return CanvasState(canvas, argmax, signal, history, state.stopped | stop), update
 
 
-def _denoise_rows(processed: mx.array, entropy_bound: float, keys: List[mx.array], fixed=None):
+def _denoise_rows(logits: mx.array, temperature: float, entropy_bound: float, keys: List[mx.array], fixed=None):
     """The sampler update, each row on its own key (so a row gives in a batch what it gives alone)."""
     if len(keys) == 1:
-        return sampler.denoise_step_update(processed, entropy_bound, keys[0], fixed)
+        return sampler.denoise_step_update(logits, entropy_bound, keys[0], fixed, temperature)
     rows = [
-        sampler.denoise_step_update(processed[r : r + 1], entropy_bound, k, None if fixed is None else fixed.row(r))
+        sampler.denoise_step_update(
+            logits[r : r + 1], entropy_bound, k, None if fixed is None else fixed.row(r), temperature
+        )
         for r, k in enumerate(keys)
     ]
     return sampler.DenoiseStep(*(None if parts[0] is None else mx.concatenate(parts) for parts in zip(*rows)))

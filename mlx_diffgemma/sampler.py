@@ -15,11 +15,15 @@ Tokens are int32 throughout: MLX's categorical/argmax return uint32, and mixing
 the two would promote comparisons and `where`s to int64.
 """
 
+from functools import partial
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import mlx.core as mx
 
 TOKEN_DTYPE = mx.int32
+# Vocabulary entries per block where a search over the vocabulary runs in two
+# levels (sampling, top-k): blocks first, then within one.
+TOP_K_BLOCK = 256
 
 
 def temperature(step: int, max_denoising_steps: int, t_min: float, t_max: float) -> float:
@@ -56,15 +60,24 @@ class Distribution(NamedTuple):
         # H = log Z - sum(w * s) / Z with s = x - max(x): both terms are >= 0,
         # so nothing cancels, and a one-hot row gives exactly 0. Shifting by
         # the max keeps the small entropies the accept and stop rules look at
-        # accurate even for logits of ~75 (softcap 30 over t = 0.4).
-        return (mx.log(self.total) - (self.weights * self.shifted).sum(-1, keepdims=True) / self.total)[..., 0]
+        # accurate even for logits of ~75 (softcap 30 over t = 0.4). The sum
+        # is a row-by-row dot product: one read of each array, no product
+        # array written and read back.
+        dot = (self.weights[..., None, :] @ self.shifted[..., :, None])[..., 0]
+        return (mx.log(self.total) - dot / self.total)[..., 0]
 
 
-def distribution(processed_logits: mx.array) -> Distribution:
-    logits = processed_logits.astype(mx.float32)
-    shifted = logits - logits.max(axis=-1, keepdims=True)
+@partial(mx.compile, shapeless=True)
+def _shifted(logits: mx.array, top: mx.array, temperature: mx.array) -> mx.array:
+    # One fused pass: (x - max x) / t is x / t - max(x / t), since t > 0.
     # A -inf logit gives weight 0; clamp so that 0 * shifted is 0, not NaN.
-    shifted = mx.maximum(shifted, mx.finfo(mx.float32).min)
+    return mx.maximum((logits - top) / temperature, mx.finfo(mx.float32).min)
+
+
+def distribution(logits: mx.array, temperature: float = 1.0) -> Distribution:
+    """softmax(logits / temperature), without writing logits / temperature out."""
+    logits = logits.astype(mx.float32)
+    shifted = _shifted(logits, logits.max(axis=-1, keepdims=True), mx.array(temperature, dtype=mx.float32))
     weights = mx.exp(shifted)
     return Distribution(shifted, weights, weights.sum(axis=-1, keepdims=True))
 
@@ -104,19 +117,36 @@ def entropy_bound_accept(entropy: mx.array, entropy_bound: float) -> mx.array:
     return mx.put_along_axis(mx.zeros(entropy.shape, dtype=mx.bool_), order, accept_sorted, axis=-1)
 
 
+def _inverse_cdf(weights: mx.array, target: mx.array) -> mx.array:
+    """How many entries of the cumulative sum of ``weights`` are <= ``target``."""
+    return (mx.cumsum(weights, axis=-1) <= target).sum(axis=-1)
+
+
 def sample_from(dist: Distribution, key: mx.array) -> mx.array:
     """One token per position by inverting the cumulative distribution.
 
     Like torch.multinomial (the reference's sampler), and it needs one uniform
     number per position instead of Gumbel noise over the whole vocabulary.
+    A large vocabulary is searched in two levels, blocks of TOP_K_BLOCK
+    first: the same token in exact arithmetic, but one cheap pass (the block
+    sums) over the vocabulary instead of a cumulative sum written and read.
     """
-    cdf = mx.cumsum(dist.weights, axis=-1)
-    target = mx.random.uniform(shape=cdf.shape[:-1] + (1,), key=key) * cdf[..., -1:]
-    index = (cdf <= target).sum(axis=-1)
-    return mx.minimum(index, cdf.shape[-1] - 1).astype(TOKEN_DTYPE)
-
-
-TOP_K_BLOCK = 256  # vocabulary entries per block in ``top_k``'s first pass
+    w = dist.weights
+    V = w.shape[-1]
+    u = mx.random.uniform(shape=w.shape[:-1] + (1,), key=key)
+    n_blocks = V // TOP_K_BLOCK
+    if V % TOP_K_BLOCK or n_blocks < 4:
+        index = _inverse_cdf(w, u * dist.total)
+        return mx.minimum(index, V - 1).astype(TOKEN_DTYPE)
+    blocks = w.reshape(*w.shape[:-1], n_blocks, TOP_K_BLOCK)
+    block_cdf = mx.cumsum(blocks.sum(axis=-1), axis=-1)
+    target = u * block_cdf[..., -1:]
+    block = mx.minimum((block_cdf <= target).sum(axis=-1), n_blocks - 1)
+    before = mx.take_along_axis(block_cdf, mx.maximum(block - 1, 0)[..., None], axis=-1)
+    before = mx.where(block[..., None] > 0, before, 0.0)
+    inner = mx.take_along_axis(blocks, block[..., None, None], axis=-2)[..., 0, :]
+    offset = mx.minimum(_inverse_cdf(inner, target - before), TOP_K_BLOCK - 1)
+    return (block * TOP_K_BLOCK + offset).astype(TOKEN_DTYPE)
 
 
 def top_k(weights: mx.array, k: int) -> Tuple[mx.array, mx.array]:
@@ -187,12 +217,13 @@ class FixedPositions(NamedTuple):
 
 
 def denoise_step_update(
-    processed_logits: mx.array,
+    logits: mx.array,
     entropy_bound: float,
     key: mx.array,
     fixed: Optional[FixedPositions] = None,
+    temperature: float = 1.0,
 ) -> DenoiseStep:
-    """Turn one step's temperature-scaled logits [B, C, V] into the next canvas.
+    """Turn one step's logits [B, C, V] at ``temperature`` into the next canvas.
 
     The reference first puts the sampled tokens into the current canvas at the
     accepted positions and then renoises every other position, so the current
@@ -206,14 +237,14 @@ def denoise_step_update(
     and the argmax canvas. Without it the step is exactly the reference's.
     """
     sample_key, noise_key = mx.random.split(key)
-    dist = distribution(processed_logits)
+    dist = distribution(logits, temperature)
     entropy = dist.entropy
     if fixed is not None:
         entropy = mx.where(fixed.mask, 0.0, entropy)
     accepted = entropy_bound_accept(entropy, entropy_bound)
     sampled = sample_from(dist, sample_key)
-    next_canvas = renoise(sampled, accepted, processed_logits.shape[-1], noise_key)
-    argmax = argmax_tokens(processed_logits)
+    next_canvas = renoise(sampled, accepted, logits.shape[-1], noise_key)
+    argmax = argmax_tokens(logits)  # a temperature does not move it
     fixed_logprob = None
     if fixed is not None:
         tokens = fixed.tokens.astype(TOKEN_DTYPE)

@@ -139,3 +139,32 @@ def test_benchmark_rejects_bad_evaluation_flags(flags, message):
     assert r.returncode == 2
     assert message in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_two_level_sampling_draws_the_token_one_cumulative_sum_does():
+    """The block-by-block inverse CDF picks, for the same uniform numbers, the
+    token an exact (float64) cumulative sum over the vocabulary picks, except
+    where the target lies within float32 rounding of a boundary between two
+    tokens (where a single float32 cumulative sum may differ as well)."""
+    logits = mx.random.normal((2, 64, 4096), key=mx.random.key(5)) * 3
+    dist = sampler.distribution(logits, 0.7)
+    cdf = np.cumsum(np.array(dist.weights, dtype=np.float64), axis=-1)
+    lower = np.concatenate([np.zeros_like(cdf[..., :1]), cdf[..., :-1]], axis=-1)
+    exact = 0
+    for seed in range(10):
+        key = mx.random.key(seed)
+        target = np.array(mx.random.uniform(shape=(2, 64, 1), key=key))[..., 0] * cdf[..., -1]
+        got = np.array(sampler.sample_from(dist, key))[..., None]
+        low, high = np.take_along_axis(lower, got, -1)[..., 0], np.take_along_axis(cdf, got, -1)[..., 0]
+        slack = 1e-6 * cdf[..., -1]
+        assert ((low - slack <= target) & (target < high + slack)).all()
+        exact += ((low <= target) & (target < high)).sum()
+    assert exact >= 2 * 64 * 10 - 2
+
+
+def test_the_temperature_is_applied_inside_the_distribution():
+    logits = mx.random.normal((1, 8, 300), key=mx.random.key(2)) * 5
+    folded, divided = sampler.distribution(logits, 0.4), sampler.distribution(logits / 0.4)
+    assert np.allclose(np.array(folded.probs), np.array(divided.probs), atol=1e-6)
+    expected = -(np.array(divided.probs) * np.log(np.maximum(np.array(divided.probs), 1e-38))).sum(-1)
+    assert np.allclose(np.array(folded.entropy), expected, atol=1e-4)
