@@ -148,6 +148,21 @@ def chat_ids(reference, messages, tools=None, **kwargs):
 # -- Chat and completions ---------------------------------------------------------
 
 
+def test_fast_and_top_k_requests_run_the_library_s_settings(server, reference):
+    messages = HI[0]
+    ids = chat_ids(reference, messages)
+    # Every step is confident, so the fast setting (stability threshold 0)
+    # stops each canvas after one step; the reference's would take two.
+    settings = dict(fast=True, self_conditioning_top_k=4, confidence_threshold=100.0)
+    want = expected(reference, ids, seed=2, **settings)
+    assert set(want["steps"].values()) == {1}
+    r = server.client().chat.completions.create(
+        model=MODEL_ID, messages=messages, max_tokens=64, seed=2, extra_body=settings
+    )
+    assert r.choices[0].message.content == want["text"].strip()
+    assert r.usage.model_extra["denoising_steps"] == want["denoising_steps"]
+
+
 def test_models_and_health(server):
     assert [m.id for m in server.client().models.list()] == [MODEL_ID]
     with urllib.request.urlopen(server.url + "/health") as r:
@@ -512,6 +527,14 @@ BAD = [
     ("max_tokens zero", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, None, 400, "max_tokens"),
     ("seed negative", {"messages": [{"role": "user", "content": "x"}], "seed": -1}, None, 400, "seed"),
     ("sampler setting", {"messages": [{"role": "user", "content": "x"}], "t_min": -1}, None, 400, "t_min"),
+    ("fast wrong type", {"messages": [{"role": "user", "content": "x"}], "fast": "yes"}, None, 400, "fast"),
+    (
+        "top-k over the vocabulary",
+        {"messages": [{"role": "user", "content": "x"}], "self_conditioning_top_k": 10**6},
+        None,
+        400,
+        None,
+    ),
     ("n too large", {"messages": [{"role": "user", "content": "x"}], "n": 1000}, None, 400, "n"),
     ("stop wrong type", {"messages": [{"role": "user", "content": "x"}], "stop": 3}, None, 400, "stop"),
     (

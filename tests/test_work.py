@@ -168,3 +168,17 @@ def test_the_temperature_is_applied_inside_the_distribution():
     assert np.allclose(np.array(folded.probs), np.array(divided.probs), atol=1e-6)
     expected = -(np.array(divided.probs) * np.log(np.maximum(np.array(divided.probs), 1e-38))).sum(-1)
     assert np.allclose(np.array(folded.entropy), expected, atol=1e-4)
+
+
+def test_top_k_of_the_whole_vocabulary_generates_what_the_reference_does(tiny):
+    """Sparse self-conditioning over all V tokens is the dense signal: the
+    decoder gets it through the sparse path (soft_embedding) and writes the
+    same canvases; over 8 tokens it writes others."""
+
+    def canvases(**settings):
+        responses = stream_generate(tiny, None, list(range(3, 40)), 64, seed=1, max_denoising_steps=4, **settings)
+        return [r.token_ids for r in responses if r.token_ids]
+
+    reference = canvases()
+    assert canvases(self_conditioning_top_k=tiny.args.vocab_size) == reference
+    assert canvases(self_conditioning_top_k=8) != reference
