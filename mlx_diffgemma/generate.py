@@ -134,9 +134,13 @@ class SamplerParams:
 
 
 # The ``fast`` setting: what docs/benchmarks.md measured to cut the work per
-# committed token most for the least accuracy on the trained model. It departs
-# from the reference sampler; the defaults stay the reference's.
-FAST = dict(stability_threshold=0)
+# committed token most for the least accuracy on the trained model: a canvas
+# stops at its first confident step (1.2 steps a canvas there, not 2.0, for
+# 1 point of 200 problems), and self-conditioning reads 8 gathered rows per
+# position instead of a product over the vocabulary (no accuracy lost; 13x
+# cheaper at mini's widths). It departs from the reference sampler; the
+# defaults stay the reference's.
+FAST = dict(stability_threshold=0, self_conditioning_top_k=8)
 
 SAMPLER_SETTINGS = tuple(f.name for f in fields(SamplerParams) if "help" in f.metadata)
 SETTING_INFO = {f.name: dict(f.metadata, default=f.default) for f in fields(SamplerParams) if "help" in f.metadata}
@@ -402,7 +406,11 @@ def generate_step(
         # batch, but their passes do not count (as in the reference).
         resting = list(finished)
         stopped = [False] * B
-        confident = False  # some running row was confident at the last read
+        # Some running row was confident at the last read. Before the first
+        # read nothing is known: a canvas that may stop at its first step
+        # (stability threshold 0) is not run ahead, since most such canvases
+        # do stop there and the step queued ahead would be thrown away.
+        confident = True
 
         step = N
         start = CanvasState.start(canvas, params)

@@ -182,3 +182,24 @@ def test_top_k_of_the_whole_vocabulary_generates_what_the_reference_does(tiny):
     reference = canvases()
     assert canvases(self_conditioning_top_k=tiny.args.vocab_size) == reference
     assert canvases(self_conditioning_top_k=8) != reference
+
+
+def test_a_canvas_that_may_stop_at_its_first_step_is_not_run_ahead(tiny, monkeypatch):
+    """With stability threshold 0 a confident canvas stops after one step; the
+    loop must not queue a second step it would throw away (that doubled the
+    fast setting's decoder passes)."""
+    calls = []
+    denoise = Model.denoise
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return denoise(self, *args, **kwargs)
+
+    monkeypatch.setattr(Model, "denoise", counting)
+    responses = list(
+        stream_generate(
+            tiny, None, [5, 6, 7], 3 * tiny.canvas_length, seed=0, stability_threshold=0, confidence_threshold=100.0
+        )
+    )
+    assert responses[-1].denoising_steps == 3  # one step per canvas
+    assert len(calls) == 3

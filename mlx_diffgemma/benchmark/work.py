@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..config import ModelArgs
-from ..generate import Progress, SamplerParams, stream_generate
+from ..generate import FAST, Progress, SamplerParams, stream_generate
 from ..thinking import END_OF_TURN
 from .breakdown import layer_shapes, matmul_flops, matmul_shapes
 
@@ -63,7 +63,7 @@ VARIANT_HELP = {
     "2-steps": "at most 2 steps per canvas",
     "confident-once": "stop at the first confident step (stability threshold 0)",
     "confident-once-0.05": "the same, confident below 0.05 nats of mean entropy",
-    "fast": "the fast setting",
+    "fast": f"the fast setting: {', '.join(f'{k}={v}' for k, v in FAST.items())}",
 }
 
 
