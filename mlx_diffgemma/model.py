@@ -57,6 +57,39 @@ class MLP(nn.Module):
         return self.down_proj(geglu(self.gate_proj(x), self.up_proj(x)))
 
 
+# Where MLX has no fused attention kernel for a call (its CPU backend; on
+# Metal, head dims its kernels lack, such as the released model's 512-wide
+# full-attention heads), scaled_dot_product_attention materialises the scores
+# [B, heads, queries, keys]: 4.3 GB in float32 for a 2048-token chunk against
+# 32,768 keys at 16 heads. Queries therefore go in blocks whose scores stay
+# under this many bytes, so a long prompt costs its cache, not chunk x cache.
+# A block's work stays large (at 32k keys, 64 queries of 16 heads); a denoising
+# step over a short cache is one block, the call it always was.
+ATTENTION_BLOCK_BYTES = 128 * 2**20
+
+
+def attention(queries: mx.array, keys: mx.array, values: mx.array, mask: Optional[mx.array]) -> mx.array:
+    """Attention of [B, heads, L, D] queries, in blocks of queries as
+    ``ATTENTION_BLOCK_BYTES`` allows, each with its rows of ``mask`` [..., L or 1, K]."""
+    B, heads, L, _ = queries.shape
+    # 4 bytes a score whatever the dtype: float32 is the widest.
+    rows = max(1, ATTENTION_BLOCK_BYTES // (B * heads * keys.shape[2] * 4))
+    # q/k norms take the place of the 1/sqrt(d) scale.
+    if rows >= L:
+        return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=1.0, mask=mask)
+    out = []
+    for i in range(0, L, rows):
+        block = mask if mask is None or mask.shape[-2] == 1 else mask[..., i : i + rows, :]
+        q = queries[:, :, i : i + rows]
+        out.append(mx.fast.scaled_dot_product_attention(q, keys, values, scale=1.0, mask=block))
+        # Lazily, the host would allocate many blocks' scores before the first
+        # is computed (measured: some 20 blocks in flight on the CPU); one at a
+        # time, each block's scores are freed before the next one's are made.
+        # (Gradients allow this eval; mx.compile would not: the model is not compiled.)
+        mx.eval(out[-1])
+    return mx.concatenate(out, axis=2)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer_idx: int):
         super().__init__()
@@ -103,8 +136,7 @@ class Attention(nn.Module):
         else:
             keys, values = cache.extend(keys, values)
 
-        # q/k norms take the place of the 1/sqrt(d) scale.
-        out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=1.0, mask=mask)
+        out = attention(queries, keys, values, mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
