@@ -203,3 +203,42 @@ def test_a_canvas_that_may_stop_at_its_first_step_is_not_run_ahead(tiny, monkeyp
     )
     assert responses[-1].denoising_steps == 3  # one step per canvas
     assert len(calls) == 3
+
+
+def test_the_benchmark_reports_accuracy_and_flops_per_token_on_the_trained_model(tmp_path):
+    """--model with --data: the variants' accuracy and FLOPs per token, in the
+    report and the JSON, measured against the reference."""
+    import json
+    from pathlib import Path
+
+    from mlx_diffgemma.benchmark import Options, format_report, run_benchmark
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "examples" / "shift"))
+    try:
+        import build
+    finally:
+        sys.path.pop(0)
+    rng = np.random.default_rng(build.SPLITS["test"][1])
+    problems = [build.problem(rng) for _ in range(3)]
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in problems]
+    rows[2]["messages"][1]["content"] = "not the answer"
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    options = Options(
+        model=str(root / "examples" / "shift" / "model"),
+        data=str(tmp_path),
+        variants=["fast"],
+        prompt_tokens=16,
+        max_tokens=64,  # two canvases: the first is encoded
+        fixed_steps=2,
+        repeats=1,
+    )
+    result = run_benchmark(options)
+    variants = result["evaluation"]["variants"]
+    assert list(variants) == ["reference", "fast"]
+    assert variants["reference"]["exact"] == 2  # the third answer key is wrong
+    assert variants["fast"]["flops_per_token"] < variants["reference"]["flops_per_token"]
+    assert variants["reference"]["fewer_flops_than_reference"] == 1.0
+    assert result["generation"]["flops_per_token"] > result["generation"]["denoise_flops_per_token"] > 0
+    report = format_report(result)
+    assert "Accuracy and work per committed token (3 problems" in report and "fast" in report

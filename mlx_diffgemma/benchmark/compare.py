@@ -312,7 +312,8 @@ def compare_autoregressive(
     )
     # Diffusion beats one token per forward when each step commits more
     # tokens than the forwards autoregression fits in a step's time.
-    result["break_even_tokens_per_forward"] = ours["step_time_s"] / token_time if token_time else None
+    step = ours["step_time_s"]
+    result["break_even_tokens_per_forward"] = step / token_time if token_time and step else None
     result["ours_faster_generation"] = _speedup(ours["generation_tps"], decode_tps)
     result["ours_faster_end_to_end"] = _speedup(ours["end_to_end_tps"], result["end_to_end_tps"])
     result["ours_faster_prompt"] = _speedup(ours["prompt_tps"], result["prompt_tps"])
