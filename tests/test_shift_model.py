@@ -80,11 +80,12 @@ def test_the_fast_setting_on_held_out_problems(shipped, held_out):
     assert evaluate(*shipped, wrong, seed=0)["exact"] == 0
 
 
-def test_the_generate_command_answers(held_out):
+@pytest.mark.parametrize("flags", [[], ["--fast"]])
+def test_the_generate_command_answers(held_out, flags):
     question, answer = held_out[0]
     r = subprocess.run(
         [sys.executable, "-m", "mlx_diffgemma.generate", "--model", str(MODEL), "--prompt", question]
-        + ["--seed", "0", "--no-live"],
+        + ["--seed", "0", "--no-live", *flags],
         capture_output=True,
         text=True,
         timeout=300,

@@ -3,6 +3,7 @@ setting and the benchmark's FLOP accounting."""
 
 import subprocess
 import sys
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -209,7 +210,6 @@ def test_the_benchmark_reports_accuracy_and_flops_per_token_on_the_trained_model
     """--model with --data: the variants' accuracy and FLOPs per token, in the
     report and the JSON, measured against the reference."""
     import json
-    from pathlib import Path
 
     from mlx_diffgemma.benchmark import Options, format_report, run_benchmark
 
@@ -242,3 +242,15 @@ def test_the_benchmark_reports_accuracy_and_flops_per_token_on_the_trained_model
     assert result["generation"]["flops_per_token"] > result["generation"]["denoise_flops_per_token"] > 0
     report = format_report(result)
     assert "Accuracy and work per committed token (3 problems" in report and "fast" in report
+
+
+def test_a_bad_evaluation_file_fails_before_any_timing(tmp_path):
+    (tmp_path / "test.jsonl").write_text('{"messages": []}\n')
+    r = subprocess.run(
+        [sys.executable, "-m", "mlx_diffgemma.benchmark", "--model", "examples/shift/model", "--data", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=str(Path(__file__).resolve().parents[1]),
+    )
+    assert r.returncode == 2 and "test.jsonl:1: not a chat example" in r.stderr, r.stderr
+    assert "Timing" not in r.stderr and "Traceback" not in r.stderr

@@ -411,12 +411,12 @@ def validate(options: Options):
         raise ValueError(f"unknown recipe {options.recipe!r} (choose from {', '.join(RECIPES)})")
     if options.self_conditioning_top_k < 0:
         raise ValueError("--self-conditioning-top-k must be at least 0")
+    if options.limit is not None and options.limit < 1:
+        raise ValueError("--limit must be at least 1")
     if options.data is not None:
         if options.model is None:
             raise ValueError("--data needs --model: random weights answer nothing")
-        evaluation_file(options.data)
-    if options.limit is not None and options.limit < 1:
-        raise ValueError("--limit must be at least 1")
+        read_problems(evaluation_file(options.data), options.limit)  # a bad file fails before any timing
     unknown = [v for v in options.variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variant {unknown[0]!r} (choose from {', '.join(VARIANTS)})")
