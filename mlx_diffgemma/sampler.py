@@ -194,12 +194,16 @@ class DenoiseStep(NamedTuple):
     argmax_canvas: mx.array  # [B, C] what gets committed if the canvas stops here
     entropy: mx.array  # [B, C] float32, reused by the stop check
     accepted: mx.array  # [B, C] bool
-    probs: mx.array  # [B, C, V] float32 softmax of the processed logits
-    weights: mx.array  # [B, C, V] the same unnormalised (max 1 per position)
+    weights: mx.array  # [B, C, V] float32 softmax of the processed logits, unnormalised (max 1)
+    total: mx.array  # [B, C, 1] their sum
     # [B, C] float32: log-probability of each fixed position's token under the
     # processed logits (0 elsewhere); None without fixed positions. How much
     # the model agrees with the given text: infilling ranks gap lengths by it.
     fixed_logprob: Optional[mx.array] = None
+
+    @property
+    def probs(self) -> mx.array:
+        return self.weights / self.total
 
 
 class FixedPositions(NamedTuple):
@@ -252,7 +256,7 @@ def denoise_step_update(
         next_canvas = mx.where(fixed.mask, tokens, next_canvas)
         argmax = mx.where(fixed.mask, tokens, argmax)
         fixed_logprob = mx.where(fixed.mask, dist.log_prob(tokens), 0.0)
-    return DenoiseStep(next_canvas, argmax, entropy, accepted, dist.probs, dist.weights, fixed_logprob)
+    return DenoiseStep(next_canvas, argmax, entropy, accepted, dist.weights, dist.total, fixed_logprob)
 
 
 def hold_finished_rows(finished: mx.array, previous: mx.array, updated: mx.array) -> mx.array:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from ..chat_template import render
 from ..config import ModelArgs
 from ..generate import FAST, Progress, SamplerParams, stream_generate
 from ..thinking import END_OF_TURN
@@ -133,9 +134,7 @@ def evaluate(
     score = Score(problems=len(problems))
     tic = time.perf_counter()
     for i, (question, answer) in enumerate(problems):
-        prompt = tokenizer.apply_chat_template(
-            [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
-        )
+        prompt = render(tokenizer, [{"role": "user", "content": question}])
         progress, text, last = Progress(), "", None
         for last in stream_generate(model, tokenizer, prompt, max_tokens, seed=seed + i, **sampler):
             progress.update(last)
