@@ -10,8 +10,7 @@ only knows its toy tasks).
 
 import sys
 
-from mlx_diffgemma import load
-from mlx_diffgemma.infill import edit
+from mlx_diffgemma import edit, load
 
 model_path = sys.argv[1] if len(sys.argv) > 1 else "google/diffusiongemma-26B-A4B-it"
 model, tokenizer = load(model_path)

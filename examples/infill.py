@@ -19,9 +19,7 @@ model, tokenizer = load(model_path)
 
 prefix = 'def mean(values):\n    """The arithmetic mean of a non-empty list of numbers."""\n'
 suffix = "\n    return total / len(values)\n"
-# Code, not a conversation: raw text after <bos>, as editor plugins send it.
-prefix_ids = [tokenizer.bos_token_id] + tokenizer.encode(prefix, add_special_tokens=False)
-
-result = last(stream_infill(model, tokenizer, prefix_ids, suffix, seed=0))
+# Code, not a conversation: raw text (the prefix is read after <bos>), as editor plugins send it.
+result = last(stream_infill(model, tokenizer, prefix, suffix, seed=0))
 print(prefix + result.text + suffix, end="")
 print(f"# {result.length} tokens written in {result.denoising_steps} denoising steps")

@@ -23,6 +23,7 @@ them the same way, so a conversation that spells no marker gets exactly the ids
 import re
 from typing import Any, Dict, List, Optional
 
+import jinja2
 from tokenizers import Tokenizer
 
 # Arguments of apply_chat_template that callers of ``render`` do not pass through
@@ -116,11 +117,18 @@ def render(
     """The chat template's ids for ``messages``; no text in them becomes a control token."""
     markers = _markers(tokenizer)
     extra = {} if tools is None else {"tools": _escape_all(tools, markers)}
-    rendered = tokenizer.apply_chat_template(
-        _escape_all(messages, markers),
-        add_generation_prompt=add_generation_prompt,
-        tokenize=False,
-        **extra,
-        **_escape_all(template_kwargs, markers),
-    )
+    try:
+        rendered = tokenizer.apply_chat_template(
+            _escape_all(messages, markers),
+            add_generation_prompt=add_generation_prompt,
+            tokenize=False,
+            **extra,
+            **_escape_all(template_kwargs, markers),
+        )
+    except jinja2.TemplateError as e:
+        # The template refuses this conversation (roles out of order, say): bad input, not a crash.
+        detail = markers.unescape(str(e)).strip().splitlines()
+        raise ValueError(
+            f"the chat template rejected the conversation: {detail[0] if detail else type(e).__name__}"
+        ) from None
     return markers.tokenize(rendered)

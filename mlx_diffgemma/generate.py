@@ -541,10 +541,23 @@ class GenerationResponse:
 PROMPT_TYPES = "a string, a list of token ids, or a list of those"
 
 
-def _as_batch(tokenizer, prompt, vocab_size: int, what: str = "prompt") -> List[List[int]]:
+def text_ids(tokenizer, text: str, bos: bool = True) -> List[int]:
+    """A raw text prompt's ids, starting with ``<bos>`` (with ``bos``) unless
+    the text already spells it: the model only ever saw text after ``<bos>``
+    (the chat template writes it; Gemma 4's tokenizer does not add it, so
+    mlx-lm's ``encode(prompt)`` would not either)."""
+    ids = list(tokenizer.encode(text, add_special_tokens=False))
+    start = getattr(tokenizer, "bos_token_id", None)
+    if bos and start is not None and ids[:1] != [start]:
+        ids.insert(0, start)
+    return ids
+
+
+def _as_batch(tokenizer, prompt, vocab_size: int, what: str = "prompt", bos: bool = True) -> List[List[int]]:
     """A prompt (text or ids) or a list of prompts -> list of id lists.
 
-    ``what`` names the argument in errors."""
+    Text is read as ``text_ids`` reads it (``bos``: after ``<bos>``); ids are
+    used as given. ``what`` names the argument in errors."""
     if isinstance(prompt, mx.array):
         prompt = prompt.tolist()
     if isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and _all_ids(prompt)):
@@ -565,12 +578,12 @@ def _as_batch(tokenizer, prompt, vocab_size: int, what: str = "prompt") -> List[
                 p.encode("utf-8")
             except UnicodeEncodeError as e:
                 raise ValueError(f"{name} is not valid text: {e.reason} at character {e.start}") from None
-            ids = list(tokenizer.encode(p, add_special_tokens=False))
+            ids = text_ids(tokenizer, p, bos)
         elif isinstance(p, (list, tuple)) and _all_ids(p):
             ids = [int(t) for t in p]
         else:
             raise TypeError(f"{name} must be a string or a list of token ids (got {type(p).__name__})")
-        if not ids:
+        if not ids or not p:  # "" would be <bos> alone: a prompt that says nothing is a mistake
             raise ValueError(f"{name} is empty")
         bad = [t for t in ids if not 0 <= t < vocab_size]
         if bad:
@@ -654,8 +667,9 @@ def stream_generate(
 
     ``prompt`` is a string, a list of token ids, or a list of those (a batch:
     rows are left-padded and finish independently; each response carries its
-    ``row``). A string is used as given: apply a chat template first for
-    chat models. ``params`` are the sampler settings (``max_denoising_steps``,
+    ``row``). A string is raw text (apply a chat template first for chat
+    models), read after ``<bos>`` unless it spells it or ``prompt_cache``
+    already holds context; ids are used as given. ``params`` are the sampler settings (``max_denoising_steps``,
     ``t_min``, ``t_max``, ``entropy_bound``, ``stability_threshold``,
     ``confidence_threshold``), defaulting to the checkpoint's generation config.
     ``prompt_cache`` (from ``model.make_cache()``) keeps the encoded
@@ -664,9 +678,9 @@ def stream_generate(
     sp = SamplerParams.resolve(model, **params)
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise ValueError(f"max_tokens must be a positive integer (got {max_tokens})")
-    batch = _as_batch(tokenizer, prompt, model.args.vocab_size)
-    B, C, V = len(batch), model.canvas_length, model.args.vocab_size
     cache = prompt_cache if prompt_cache is not None else model.make_cache()
+    batch = _as_batch(tokenizer, prompt, model.args.vocab_size, bos=cache.offset == 0)
+    B, C, V = len(batch), model.canvas_length, model.args.vocab_size
     context = cache.offset + max(len(p) for p in batch)
     # Every canvas max_tokens may need takes its C positions after the prompt.
     needed = context + math.ceil(max_tokens / C) * C

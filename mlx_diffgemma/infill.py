@@ -292,12 +292,12 @@ def _check_context(model: Model, cache: PromptCache, prompt: int, document: int,
         )
 
 
-def _ids(tokenizer, text: Text, what: str, vocab_size: int) -> List[int]:
+def _ids(tokenizer, text: Text, what: str, vocab_size: int, bos: bool) -> List[int]:
     if isinstance(text, mx.array):
         text = text.tolist()
     if isinstance(text, (str, list, tuple)) and len(text) == 0:
         return []
-    return _as_batch(tokenizer, text, vocab_size, what)[0]
+    return _as_batch(tokenizer, text, vocab_size, what, bos)[0]
 
 
 def last(responses: Iterator[FillResponse]) -> FillResponse:
@@ -321,8 +321,9 @@ def stream_infill(
 ) -> Iterator[FillResponse]:
     """Write the text between ``prefix`` and ``suffix``, yielding a response per step.
 
-    ``prefix`` and ``suffix`` are text or token ids, used as given (as
-    ``stream_generate`` uses a prompt; an empty prefix starts from ``<bos>``).
+    ``prefix`` and ``suffix`` are text or token ids. Ids are used as given;
+    text as ``stream_generate`` reads a prompt: a text prefix (or an empty
+    one) starts from ``<bos>``, a text suffix is plain text.
     The prefix is encoded into the cache; the canvas holds the gap and then
     the head of the suffix, as much as fits, fixed. ``length`` is the gap in
     tokens; a list of lengths tries each as one row of a batch and keeps the
@@ -342,8 +343,11 @@ def stream_infill(
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise ValueError(f"max_tokens must be a positive integer (got {max_tokens!r})")
     C, V = model.canvas_length, model.args.vocab_size
-    prefix_ids = _ids(tokenizer, prefix, "prefix", V)
-    suffix_ids = _ids(tokenizer, suffix, "suffix", V)
+    # A text prefix starts the document, after <bos> (unless the cache holds what comes
+    # before it); a suffix continues it.
+    fresh = prompt_cache is None or prompt_cache.offset == 0
+    prefix_ids = _ids(tokenizer, prefix, "prefix", V, bos=fresh)
+    suffix_ids = _ids(tokenizer, suffix, "suffix", V, bos=False)
     if not prefix_ids and not suffix_ids:
         raise ValueError("infill needs a prefix or a suffix (both are empty)")
     lengths = _lengths(length, C, max_tokens)

@@ -25,8 +25,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable, List, Optional, Union
+from typing import Dict, Iterable, List, Optional, Union
 
+import jinja2
+import jinja2.ext
+import jinja2.sandbox
 from mlx_lm.tokenizer_utils import (
     SPMStreamingDetokenizer,
     StreamingDetokenizer,
@@ -36,12 +39,26 @@ from mlx_lm.tokenizer_utils import load as _mlx_lm_load
 
 __all__ = [
     "DiffGemmaTokenizerWrapper",
+    "TokenizerError",
     "GemmaStreamingDetokenizer",
     "load_tokenizer",
     "read_eos_token_ids",
 ]
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+# The JSON files a tokenizer is built from; each is read first, so a broken one
+# is named instead of surfacing as the tokenizers library's bare parse error.
+TOKENIZER_JSON_FILES = (
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.json",
+    "tokenizer.json",
+)
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file that cannot be used; the message names the file."""
 
 
 class GemmaStreamingDetokenizer(StreamingDetokenizer):
@@ -164,6 +181,68 @@ def _legacy_chat_template(model_path: Path) -> Optional[str]:
     return None
 
 
+def _check_json_files(model_path: Path):
+    for name in TOKENIZER_JSON_FILES:
+        f = model_path / name
+        if not f.is_file():
+            continue
+        try:
+            value = json.loads(f.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise TokenizerError(f"{f}: not valid JSON ({e})") from None
+        if not isinstance(value, dict):
+            raise TokenizerError(f"{f}: expected a JSON object")
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """``{% generation %}...{% endgeneration %}``, which transformers' template
+    environment knows (it marks assistant text); parsed here as its body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        next(parser.stream)
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+
+# Parses as transformers' chat template environment does (its options and extensions).
+_TEMPLATE_PARSER = jinja2.sandbox.ImmutableSandboxedEnvironment(
+    trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, _GenerationTag]
+)
+
+
+def _template_sources(model_path: Path, templates: Dict[str, str]) -> Dict[str, Path]:
+    """The file each named template was read from, by transformers' order of precedence."""
+    config = model_path / "tokenizer_config.json"
+    legacy = model_path / "chat_template.json"
+    in_config = False
+    if config.is_file():
+        in_config = bool(json.loads(config.read_text(encoding="utf-8")).get("chat_template"))
+    sources = {}
+    for name in templates:
+        own = model_path / ("chat_template.jinja" if name == "default" else f"additional_chat_templates/{name}.jinja")
+        sources[name] = own if own.is_file() else config if in_config else legacy
+    return sources
+
+
+def check_chat_templates(model_path: Path, tokenizer) -> None:
+    """Compile the checkpoint's chat templates now, so a broken one is named
+    (file and line) when the model loads, not as a traceback at the first prompt."""
+    templates = getattr(tokenizer, "chat_template", None)
+    if not templates:
+        return
+    if isinstance(templates, str):
+        templates = {"default": templates}
+    sources = _template_sources(model_path, templates)
+    for name, template in templates.items():
+        source = sources[name]
+        try:
+            _TEMPLATE_PARSER.parse(template)
+        except jinja2.TemplateSyntaxError as e:
+            where = f"line {e.lineno}" if source.suffix == ".jinja" else f"template {name!r}, line {e.lineno}"
+            raise TokenizerError(f"{source}: {where}: not a valid chat template ({e.message})") from None
+
+
 def load_tokenizer(
     model_path: Union[str, Path], eos_token_ids: Optional[Iterable[int]] = None
 ) -> Optional[TokenizerWrapper]:
@@ -184,11 +263,20 @@ def load_tokenizer(
     else:
         eos_token_ids = [int(e) for e in eos_token_ids]
 
+    _check_json_files(model_path)
     extra = {"local_files_only": True}
     template = _legacy_chat_template(model_path)
     if template is not None:
         extra["chat_template"] = template
-    wrapper = _mlx_lm_load(model_path, tokenizer_config_extra=extra, eos_token_ids=eos_token_ids)
+    try:
+        wrapper = _mlx_lm_load(model_path, tokenizer_config_extra=extra, eos_token_ids=eos_token_ids)
+    except OSError:
+        raise  # an unreadable file: the caller names it
+    except Exception as e:  # the tokenizers / sentencepiece libraries' parse errors
+        files = ", ".join(f for f in TOKENIZER_FILES if (model_path / f).is_file())
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TokenizerError(f"{model_path / files.split(', ')[0]}: cannot build the tokenizer ({detail})") from None
+    check_chat_templates(model_path, wrapper._tokenizer)
 
     old = wrapper._detokenizer
     if isinstance(old, SPMStreamingDetokenizer):

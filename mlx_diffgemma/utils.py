@@ -14,7 +14,7 @@ from mlx_lm.utils import infer_quant_config
 from . import cpu_experts
 from .config import ConfigError, ModelArgs
 from .model import Model
-from .tokenizer import load_tokenizer
+from .tokenizer import TokenizerError, load_tokenizer
 from .tuner.adapters import load_adapters
 
 logger = logging.getLogger("mlx_diffgemma")
@@ -335,4 +335,6 @@ def load(
         tokenizer = load_tokenizer(model_path, eos_token_ids=eos if isinstance(eos, list) else [eos])
     except OSError as e:
         raise LoadError(f"{e.filename or model_path}: cannot read ({e.strerror or e})") from None
+    except TokenizerError as e:
+        raise LoadError(str(e)) from None
     return model, tokenizer

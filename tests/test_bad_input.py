@@ -5,10 +5,12 @@ is lost. The numbers are those of the issue that listed the cases."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -468,3 +470,163 @@ def test_think_says_it_encodes_the_conversation_again(model_dir):
 def test_think_before_any_turn_says_nothing_more(model_dir):
     r = run("-m", "mlx_diffgemma.chat", "--model", model_dir, *FAST, stdin=b"/think\n")
     assert "[thinking on]\n" in r.stdout
+
+
+# -- Issue 21: the ecosystem's conventions, third round ----------------------------------------------
+
+BROKEN_TEMPLATE = "{% for m in messages %}\n{{ m.content }\n{% endfor %}"
+
+
+def _break(path: Path, what: str) -> str:
+    """Spoil one tokenizer file of a checkpoint; returns what the error must say."""
+    if what == "template syntax":
+        (path / "chat_template.jinja").write_text(BROKEN_TEMPLATE)
+        return f"{path / 'chat_template.jinja'}: line 2: not a valid chat template (unexpected '}}')"
+    if what == "template in tokenizer_config.json":
+        (path / "chat_template.jinja").unlink()
+        config = json.loads((path / "tokenizer_config.json").read_text())
+        config["chat_template"] = "{% if %}"
+        (path / "tokenizer_config.json").write_text(json.dumps(config))
+        return f"{path / 'tokenizer_config.json'}: template 'default', line 1: not a valid chat template"
+    if what == "tokenizer.json not a tokenizer":
+        (path / "tokenizer.json").write_text('{"version": "1.0", "model": 3}')
+        return f"{path / 'tokenizer.json'}: cannot build the tokenizer"
+    (path / what).write_text('{"truncated": ')
+    return f"{path / what}: not valid JSON"
+
+
+CHECKPOINT_FILES = [
+    "template syntax",
+    "template in tokenizer_config.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "tokenizer.json not a tokenizer",
+]
+
+
+@pytest.mark.parametrize("what", CHECKPOINT_FILES)
+def test_a_broken_tokenizer_file_is_named(copy_of, what):
+    path = copy_of()
+    message = _break(path, what)
+    r = run("-m", "mlx_diffgemma.generate", "--model", path, *FAST)
+    one_line_error(r, message, code=1)
+
+
+@pytest.mark.parametrize("command", ["chat", "server"])
+def test_chat_and_the_server_refuse_a_broken_template(copy_of, command):
+    path = copy_of()
+    message = _break(path, "template syntax")
+    extra = ["--port", "0"] if command == "server" else FAST
+    r = run("-m", f"mlx_diffgemma.{command}", "--model", path, *extra, stdin=b"hi\n", timeout=60)
+    # The server logs what it loads (INFO lines) before it stops on the error.
+    r.stderr = "\n".join(line for line in r.stderr.splitlines() if " INFO " not in line)
+    one_line_error(r, message, code=1)
+
+
+def test_a_template_that_rejects_the_conversation(copy_of):
+    path = copy_of()
+    (path / "chat_template.jinja").write_text("{{ raise_exception('System role not supported') }}")
+    r = run("-m", "mlx_diffgemma.generate", "--model", path, *FAST)
+    one_line_error(r, "the chat template rejected the conversation: System role not supported", code=1)
+
+
+def test_every_documented_entry_point_is_exported():
+    """`from mlx_diffgemma import X` gives the function, even after the stub
+    modules of the same names were imported."""
+    code = (
+        "import mlx_diffgemma.edit, mlx_diffgemma.fuse, mlx_diffgemma.infill\n"
+        "from mlx_diffgemma import infill, stream_infill, edit, stream_edit, fuse, convert, load, generate, "
+        "stream_generate, chat, stream_chat, SamplerParams\n"
+        "import sys\n"
+        "m, f, c = (sys.modules[f'mlx_diffgemma.{name}'] for name in ('infill', 'fuse', 'convert'))\n"
+        "assert (infill, stream_infill, edit, stream_edit) == (m.infill, m.stream_infill, m.edit, m.stream_edit)\n"
+        "assert fuse is f.fuse and convert is c.convert\n"
+        "import inspect\n"
+        "assert all(inspect.isfunction(x) for x in (infill, edit, fuse, convert, load, generate, chat))\n"
+        "print(sorted(mlx_diffgemma.__all__))"
+    )
+    r = run("-c", code)
+    assert r.returncode == 0, r.stderr
+    for name in ("infill", "stream_infill", "edit", "stream_edit", "fuse"):
+        assert f"'{name}'" in r.stdout
+
+
+def test_every_documented_command_is_installed():
+    """The commands docs/cli.md lists are console scripts, and each answers --help."""
+    documented = re.findall(r"^(mlx_diffgemma\.\w+) ", (ROOT / "docs" / "cli.md").read_text(), re.M)
+    assert "mlx_diffgemma.edit" in documented and len(set(documented)) == 8
+    for command in sorted(set(documented)):
+        path = shutil.which(command)
+        assert path, f"{command} is documented but not installed"
+        r = subprocess.run([path, "--help"], capture_output=True, text=True, env=ENV, timeout=120)
+        assert r.returncode == 0 and "usage:" in r.stdout, (command, r.stderr)
+
+
+def test_a_raw_prompt_is_read_after_bos(model_dir, model):
+    """--ignore-chat-template, and text given to the library, start from <bos> as
+    the chat template does: the same answer as the ids [<bos>, ...] given directly."""
+    net, tokenizer = model
+    text = "The sea is"
+    ids = [tokenizer.bos_token_id] + tokenizer.encode(text, add_special_tokens=False)
+    want = generate(net, tokenizer, ids, max_tokens=16, max_denoising_steps=2, seed=4)
+    assert generate(net, tokenizer, text, max_tokens=16, max_denoising_steps=2, seed=4) == want
+    # Text that spells <bos> first gets no second one.
+    first = list(stream_generate(net, tokenizer, "<bos>" + text, max_tokens=16, max_denoising_steps=2, seed=4))
+    assert first[-1].prompt_tokens == len(ids)
+    r = run(
+        *("-m", "mlx_diffgemma.generate", "--model", model_dir, "--ignore-chat-template", "--prompt", text),
+        *("--max-tokens", "16", "--max-denoising-steps", "2", "--seed", "4"),
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == want + "\n"
+
+
+# Commands whose first seconds are imports: Ctrl-C there used to print a
+# KeyboardInterrupt traceback, before the command's handler existed.
+INTERRUPTED = {
+    "generate": ["--prompt", "hi"],
+    "chat": [],
+    "convert": ["--mlx-path", "never-written"],
+    "edit": ["--file", "-", "--span", "0:1"],
+    "fuse": ["--adapter-path", "adapters"],
+    "lora": ["--train"],
+    "server": ["--port", "0"],
+    "benchmark": ["--preset", "tiny"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(INTERRUPTED))
+def test_ctrl_c_while_a_command_starts(model_dir, tmp_path, command):
+    args = INTERRUPTED[command]
+    flag = "--hf-path" if command == "convert" else "--model"
+    if command != "benchmark":
+        args = [flag, str(model_dir), *args]
+    for delay in (0.4, 1.2):
+        p = subprocess.Popen(
+            [sys.executable, "-m", f"mlx_diffgemma.{command}", *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=ENV,
+            cwd=tmp_path,
+        )
+        time.sleep(delay)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=120)
+        err = err.decode("utf-8", "replace")
+        assert "Traceback" not in err and "KeyboardInterrupt" not in err, (command, delay, err)
+        assert p.returncode in (130, -signal.SIGINT), (command, delay, p.returncode, err)
+    assert not (tmp_path / "never-written").exists()
+
+
+def test_chat_does_not_send_an_unknown_command(model_dir):
+    r = run("-m", "mlx_diffgemma.chat", "--model", model_dir, *FAST, "--verbose", "true", stdin=b"/bogus\n")
+    assert r.returncode == 0, r.stderr
+    assert "[unknown command /bogus: /help lists them" in r.stdout and "Prompt:" not in r.stdout
+    # A path goes to the model, and // sends a line that starts with a slash.
+    r = run(
+        "-m", "mlx_diffgemma.chat", "--model", model_dir, *FAST, "--verbose", "true", stdin=b"/usr/bin/env\n//bogus\n"
+    )
+    assert r.returncode == 0, r.stderr
+    assert "unknown command" not in r.stdout and r.stdout.count("Prompt:") == 2

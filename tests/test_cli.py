@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from reference import build_reference
 from tokenizer_fixture import write_test_tokenizer
 
-from mlx_diffgemma import cli, live
+from mlx_diffgemma import cli, files, live
 from mlx_diffgemma.thinking import ThoughtFormatter
 from mlx_diffgemma.utils import LoadError
 
@@ -662,15 +662,24 @@ def test_examples_run(model_dir, example):
         )
 
 
-def test_write_file_puts_a_whole_file_in_place(tmp_path):
-    """The commands' one writer (benchmark --json, edit --in-place/--output)."""
+def test_write_text_puts_a_whole_file_in_place(tmp_path):
+    """The one writer of the commands (benchmark --json, edit --in-place/--output)."""
     path = tmp_path / "out.txt"
     path.write_text("old")
     path.chmod(0o600)
-    cli.write_file(path, "new\r\n")
+    files.write_text(path, "new\r\n")
     assert path.read_bytes() == b"new\r\n" and (path.stat().st_mode & 0o777) == 0o600
     with pytest.raises(FileExistsError):
-        cli.write_file(path, "other", overwrite=False)
+        files.write_text(path, "other", overwrite=False)
     assert path.read_bytes() == b"new\r\n"
-    cli.write_file(tmp_path / "fresh.txt", "x", overwrite=False)
+    old_mask = os.umask(0o027)
+    try:
+        files.write_text(tmp_path / "fresh.txt", "x", overwrite=False)
+    finally:
+        os.umask(old_mask)
+    assert (tmp_path / "fresh.txt").stat().st_mode & 0o777 == 0o640  # as the umask says, not mkstemp's 0600
+    path.chmod(0o444)
+    with pytest.raises(ValueError, match="out.txt: is read-only"):
+        files.write_text(path, "over")
+    assert path.read_bytes() == b"new\r\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh.txt", "out.txt"]  # no temporary left

@@ -114,6 +114,46 @@ def test_edit_rewrites_a_file_span(shipped, tmp_path):
     assert r.returncode == 0 and out.exists() and out.read_text()[3:] == path.read_text()[3:]
 
 
+def test_edit_in_place_keeps_links_and_modes(shipped, tmp_path):
+    """A symbolic link stays a link (its target rewritten), hard links all see the
+    new text, the file keeps its mode; a new --output file follows the umask."""
+    model, tokenizer = shipped
+    wrong = ANSWER[:6] + "zzzz" + ANSWER[10:] + "\n"
+    target = tmp_path / "answer.txt"
+    target.write_text(wrong)
+    target.chmod(0o604)
+    (tmp_path / "link.txt").symlink_to("answer.txt")
+    os.link(target, tmp_path / "hard.txt")
+    r = run(
+        *("mlx_diffgemma.edit", "--model", MODEL, "--file", tmp_path / "link.txt", "--span", "6:10"),
+        *("--instruction", QUESTION, "--seed", 1, "--in-place"),
+    )
+    assert r.returncode == 0, r.stderr
+    want = edit(model, tokenizer, wrong, [(6, 10)], QUESTION, seed=1).text
+    assert (tmp_path / "link.txt").is_symlink() and os.readlink(tmp_path / "link.txt") == "answer.txt"
+    assert target.read_text() == want and (tmp_path / "hard.txt").read_text() == want
+    assert target.stat().st_nlink == 2 and stat.S_IMODE(target.stat().st_mode) == 0o604
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["answer.txt", "hard.txt", "link.txt"]
+
+    # An empty line is rewritten when told how many tokens to write there.
+    text = ANSWER + "\n\nlast\n"
+    target.write_text(text)
+    out = tmp_path / "new.txt"
+    r = subprocess.run(
+        [sys.executable, "-m", "mlx_diffgemma.edit", "--model", str(MODEL), "--file", str(target)]
+        + ["--lines", "2:2:4", "--seed", "3", "--output", str(out)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+        preexec_fn=lambda: os.umask(0o027),
+    )
+    assert r.returncode == 0, r.stderr
+    at = len(ANSWER) + 1
+    assert out.read_text() == edit(model, tokenizer, text, [(at, at)], lengths=[4], seed=3).text
+    assert stat.S_IMODE(out.stat().st_mode) == 0o640
+
+
 def test_edit_keeps_the_files_line_endings(tmp_path):
     path = tmp_path / "notes.txt"
     path.write_bytes(b"first line\r\n" + ANSWER.encode() + b"\r\nlast line\r\n")
@@ -153,15 +193,22 @@ def test_the_live_edit_shows_the_text_around_the_span(tmp_path):
         (["--span", "2:8", "--span", "6:9"], "error: spans 0 (2, 8) and 1 (6, 9) overlap"),
         (["--lines", "2:3"], "error: --lines 2:3: the file has 1 lines"),
         ([], "error: nothing to edit"),
-        (["--span", "5-8"], "argument --span: expected START:END, got '5-8'"),
+        (["--span", "5-8"], "argument --span: expected START:END or START:END:LENGTH, got '5-8'"),
         (["--span", "1:2", "--output", "{file}"], "already exists (--output never overwrites"),
         (["--span", "1:2", "--file", "{dir}/missing.txt"], "missing.txt: no such file"),
         (["--span", "1:2", "--file", "-", "--in-place"], "error: --in-place needs a file, not stdin"),
+        (["--span", "3:3"], "error: --span 3:3: the span is empty; say how many tokens to write there"),
+        (["--span", "1:2", "--output", "{dir}/no/such/out.txt"], "out.txt: no such directory"),
+        (["--span", "1:2", "--in-place", "read-only"], "answer.txt: is read-only; not writing over it"),
+        (["--span", "1:2", "--output", "{dir}"], "already exists (--output never overwrites"),
     ],
 )
 def test_bad_edits_end_in_one_line(tmp_path, args, message):
     path = tmp_path / "answer.txt"
     path.write_text(ANSWER)
+    if "read-only" in args:
+        args.remove("read-only")
+        path.chmod(0o444)
     args = [a.format(file=path, dir=tmp_path) for a in args]
     if "--file" not in args:
         args = ["--file", str(path), *args]

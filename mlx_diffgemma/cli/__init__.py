@@ -11,7 +11,6 @@ import json
 import os
 import shlex
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
@@ -203,31 +202,6 @@ def valid_text(text: str) -> str:
     return fixed
 
 
-# -- Writing files ---------------------------------------------------------------
-
-
-def write_file(path: Path, text: str, overwrite: bool = True):
-    """Write ``text`` to a temporary file beside ``path``, then put it in place,
-    so a failed run leaves no half a file. ``overwrite``: renamed over ``path``
-    (keeping the mode of a file it replaces); else linked as a new name, which
-    raises FileExistsError rather than replace a file that appeared meanwhile."""
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        if overwrite:
-            if path.exists():
-                os.chmod(temporary, path.stat().st_mode & 0o7777)
-            os.replace(temporary, path)
-        else:
-            os.link(temporary, path)
-            os.unlink(temporary)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
-
-
 # -- Will the weights fit? ----------------------------------------------------
 
 
@@ -352,6 +326,7 @@ def run(command: Callable[[], Optional[int]], interrupted: Optional[str] = None)
         print(f"error: {message}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
-        print(interrupted or "", file=sys.stderr)
+        if interrupted:
+            print(interrupted, file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)

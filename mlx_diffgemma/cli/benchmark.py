@@ -8,7 +8,8 @@ from ..benchmark import PRESETS, Options, format_report, run_benchmark, validate
 from ..benchmark.compare import COMPARISONS
 from ..benchmark.work import VARIANTS
 from ..convert import RECIPES
-from . import ArgumentParser, run, write_file
+from ..files import write_text
+from . import ArgumentParser, run
 
 
 def setup_arg_parser() -> ArgumentParser:
@@ -100,7 +101,7 @@ def _check_writable(path: Path):
 
 
 def write_json(path: Path, result: dict):
-    write_file(path, json.dumps(result, indent=2) + "\n")
+    write_text(path, json.dumps(result, indent=2) + "\n")
 
 
 def main(argv=None):

@@ -1,6 +1,7 @@
 """python -m mlx_diffgemma.chat: a conversation in the terminal, kept encoded between turns."""
 
 import argparse
+import re
 import sys
 from typing import Optional
 
@@ -16,7 +17,11 @@ COMMANDS = """Commands:
   /think    turn thinking on or off
   /reset    start a new conversation (also: r)
   /quit     leave (also: q, /exit, Ctrl-D)
-  /help     this help (also: h)"""
+  /help     this help (also: h)
+A line starting with // is sent as text, with one / removed."""
+# What reads as a command: a slash and a word, the rest of the line after a space.
+# A path such as /usr/bin/env has a second slash and goes to the model.
+COMMAND = re.compile(r"/[A-Za-z][\w-]*(?=\s|$)")
 
 
 def setup_arg_parser():
@@ -115,6 +120,12 @@ def run_chat(args):
             again = " the next turn encodes the conversation again (the template renders it anew)"
             print(f"[thinking {'on' if thinking else 'off'}]" + (again if encoded else ""))
             continue
+        if COMMAND.match(command):
+            word = command.split()[0]
+            print(f"[unknown command {word}: /help lists them; start the line with // to send it as text]")
+            continue
+        if command.startswith("//"):
+            query = query.replace("/", "", 1)
 
         messages.append({"role": "user", "content": query})
         seed = None if args.seed is None else (args.seed + turn) % SEED_LIMIT

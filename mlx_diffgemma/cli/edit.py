@@ -3,9 +3,9 @@
 import argparse
 import sys
 from pathlib import Path
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
-from .. import cli
+from .. import cli, files
 from ..generate import SamplerParams
 from ..infill import check_spans, stream_edit
 
@@ -19,18 +19,22 @@ EDIT_EXAMPLES = """\
 examples:
   mlx_diffgemma.edit --file app.py --lines 12:14 --instruction "Handle an empty list."
   mlx_diffgemma.edit --file notes.txt --span 120:180 --in-place
-  mlx_diffgemma.edit --file a.py --lines 3:3 --lines 9:10 --output b.py"""
+  mlx_diffgemma.edit --file a.py --lines 3:3 --lines 9:10 --output b.py
+  mlx_diffgemma.edit --file a.py --lines 7:7:12    # write 12 tokens in line 7 (an empty line needs a length)"""
 
 
-def span_argument(text: str) -> Tuple[int, int]:
-    """START:END, as two integers."""
+def span_argument(text: str) -> Tuple[int, int, Optional[int]]:
+    """START:END, or START:END:LENGTH: two integers and a length in tokens."""
     parts = text.split(":")
-    if len(parts) != 2:
-        raise argparse.ArgumentTypeError(f"expected START:END, got {text!r}")
+    if len(parts) not in (2, 3):
+        raise argparse.ArgumentTypeError(f"expected START:END or START:END:LENGTH, got {text!r}")
     try:
-        return int(parts[0]), int(parts[1])
+        numbers = [int(part) for part in parts]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected two integers START:END, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected integers START:END[:LENGTH], got {text!r}") from None
+    if len(numbers) == 3 and numbers[2] < 1:
+        raise argparse.ArgumentTypeError(f"LENGTH must be >= 1 token, got {text!r}")
+    return numbers[0], numbers[1], numbers[2] if len(numbers) == 3 else None
 
 
 def setup_arg_parser():
@@ -47,16 +51,18 @@ def setup_arg_parser():
         type=span_argument,
         action="append",
         default=[],
-        metavar="START:END",
-        help="Characters START to END (0-based, END excluded) to rewrite; repeat for several.",
+        metavar="START:END[:LENGTH]",
+        help="Characters START to END (0-based, END excluded) to rewrite, in LENGTH tokens if given "
+        "(default: as many as the span has; an empty span needs one); repeat for several.",
     )
     parser.add_argument(
         "--lines",
         type=span_argument,
         action="append",
         default=[],
-        metavar="FIRST:LAST",
-        help="Lines FIRST to LAST (1-based, inclusive; their line breaks are kept) to rewrite; repeat for several.",
+        metavar="FIRST:LAST[:LENGTH]",
+        help="Lines FIRST to LAST (1-based, inclusive; their line breaks are kept) to rewrite, in LENGTH tokens "
+        "if given (an empty line needs one); repeat for several.",
     )
     parser.add_argument(
         "--instruction", metavar="TEXT", help="What to change, sent as the user turn of the chat template."
@@ -82,11 +88,16 @@ def line_span(text: str, first: int, last: int) -> Tuple[int, int]:
     return start, end - (len(body) - len(body.rstrip("\r\n")))
 
 
-def spans_of(args, text: str) -> List[Tuple[int, int]]:
-    spans = list(args.span) + [line_span(text, a, b) for a, b in args.lines]
-    if not spans:
+def spans_of(args, text: str) -> Tuple[List[Tuple[int, int]], List[Optional[int]]]:
+    """The spans to rewrite, as character offsets, and each one's length in tokens (None: as now)."""
+    given = [(f"--span {a}:{b}", (a, b), n) for a, b, n in args.span]
+    given += [(f"--lines {a}:{b}", line_span(text, a, b), n) for a, b, n in args.lines]
+    if not given:
         raise ValueError("nothing to edit: give --span START:END or --lines FIRST:LAST")
-    return spans
+    for flag, (start, end), n in given:
+        if start == end and n is None:
+            raise ValueError(f"{flag}: the span is empty; say how many tokens to write there ({flag}:LENGTH)")
+    return [span for _, span, _ in given], [n for _, _, n in given]
 
 
 def exists_error(path: Path) -> ValueError:
@@ -115,9 +126,15 @@ def run_edit(args):
             raise ValueError(f"{path}: no such file") from None
         except IsADirectoryError:
             raise ValueError(f"{path}: is a directory, not a text file") from None
-    spans = check_spans(text, spans_of(args, text))  # before the model loads
-    if args.output and Path(args.output).exists():
-        raise exists_error(Path(args.output))  # before the model loads
+    # Everything that can fail without the model fails before it loads.
+    spans, lengths = spans_of(args, text)
+    spans = check_spans(text, spans, lengths)
+    if args.in_place:
+        files.check_writable(Path(args.file))
+    if args.output:
+        if Path(args.output).exists() or Path(args.output).is_symlink():
+            raise exists_error(Path(args.output))
+        files.check_writable(Path(args.output))
     model, tokenizer = cli.load_for_generation(args.model, args.adapter_path)
     params = cli.sampler_params(args)
     SamplerParams.resolve(model, **params)  # bad settings fail before the view opens
@@ -130,6 +147,7 @@ def run_edit(args):
         text,
         spans,
         args.instruction,
+        lengths=lengths,
         seed=args.seed,
         chat_template_kwargs=args.chat_template_config,
         **params,
@@ -144,10 +162,10 @@ def run_edit(args):
                 status = f"canvas {last.window + 1}, step {last.max_denoising_steps - last.step + 1}"
                 view.draft_parts(last.draft_parts(context=True), status)
     if args.in_place:
-        cli.write_file(Path(args.file), last.text)
+        files.write_text(Path(args.file), last.text)
     elif args.output:
         try:
-            cli.write_file(Path(args.output), last.text, overwrite=False)
+            files.write_text(Path(args.output), last.text, overwrite=False)
         except FileExistsError:
             raise exists_error(Path(args.output)) from None
     if not to_stdout:
