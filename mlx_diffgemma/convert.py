@@ -523,8 +523,10 @@ def is_model_directory(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors"))
 
 
-def check_replaceable(target: Path, force: bool):
-    """Refuse to replace ``target`` unless asked to and it is recognisably a model."""
+def check_replaceable(target: Path, force: bool, flag: str = "--mlx-path"):
+    """Refuse to replace ``target`` unless asked to and it is recognisably a model.
+
+    ``flag`` is the option that named ``target`` (fuse's is --save-path)."""
     if not (target.exists() or target.is_symlink()):
         return
     if not force:
@@ -532,7 +534,7 @@ def check_replaceable(target: Path, force: bool):
     if target.is_symlink() or not is_model_directory(target):
         raise ConvertError(
             f"{target} exists and is not a model directory (no config.json and weights); "
-            "not replacing it, even with --force: choose another --mlx-path"
+            f"not replacing it, even with --force: choose another {flag}"
         )
 
 
@@ -567,7 +569,7 @@ def remove_stale_stagings(target: Path) -> List[Path]:
 
 
 @contextmanager
-def staged_directory(target: Path, force: bool) -> Iterator[Path]:
+def staged_directory(target: Path, force: bool, flag: str = "--mlx-path") -> Iterator[Path]:
     """A new directory that becomes ``target`` only if the block completes.
 
     It is made beside ``target`` (same filesystem, so the final rename is
@@ -590,7 +592,7 @@ def staged_directory(target: Path, force: bool) -> Iterator[Path]:
         yield staging
         (staging / STAGING_MARKER).unlink()
         if target.exists() or target.is_symlink():
-            check_replaceable(target, force)
+            check_replaceable(target, force, flag)
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
             old.rmdir()
             target.rename(old)

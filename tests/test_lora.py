@@ -432,7 +432,7 @@ GOOD = json.dumps({"prompt": "the dog", "completion": "the dog"}) + "\n"
         (GOOD + json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n", ["train.jsonl:2", "assistant"]),
         (GOOD + json.dumps({"prompt": "the dog", "completion": 3}) + "\n", ["train.jsonl:2", "not a string"]),
         (GOOD + json.dumps({"words": "x"}) + "\n", ["train.jsonl:2", "no 'messages'"]),
-        ("", ["train.jsonl", "empty"]),
+        ("", ["train.jsonl: no examples", "empty"]),
         (GOOD + json.dumps({"text": "the dog " * 400}) + "\n", ["train.jsonl:2", "--max-seq-length 256"]),
     ],
     ids=["malformed", "missing-field", "no-answer", "wrong-type", "unknown-format", "empty", "too-long"],
@@ -444,6 +444,7 @@ def test_bad_data_names_file_and_line(model_dir, tmp_path, train_text, needles):
         "--max-seq-length", "256", "--adapter-path", tmp_path / "a", "--num-layers", "-1",
     )  # fmt: skip
     one_line_error(r, *needles)
+    assert not (tmp_path / "a").exists()
 
 
 @pytest.mark.parametrize(
@@ -488,23 +489,18 @@ def test_an_unwritable_adapter_path(model_dir, data_dir, tmp_path):
 
 
 def test_a_missing_data_directory_and_split(model_dir, tmp_path):
-    one_line_error(
-        run("-m", "mlx_diffgemma.lora", "--model", model_dir, "--train", "--data", tmp_path / "nope"), "--data", "nope"
-    )
+    r = run("-m", "mlx_diffgemma.lora", "--model", model_dir, "--train", "--data", tmp_path / "nope")
+    one_line_error(r, f"--data {tmp_path / 'nope'}: no such directory", "Hugging Face dataset names are not downloaded")
     (tmp_path / "d").mkdir()
-    (tmp_path / "d" / "train.jsonl").write_text(GOOD * 4)
-    r = run(
-        "-m",
-        "mlx_diffgemma.lora",
-        "--model",
-        model_dir,
-        "--train",
-        "--data",
-        tmp_path / "d",
-        "--adapter-path",
-        tmp_path / "a",
-    )
-    one_line_error(r, "valid.jsonl", "missing")
+    (tmp_path / "d" / "valid.jsonl").write_text(GOOD * 4)
+    args = ["-m", "mlx_diffgemma.lora", "--model", model_dir, "--train", "--data", tmp_path / "d"]
+    one_line_error(run(*args, "--adapter-path", tmp_path / "a"), "train.jsonl", "missing")
+    # As mlx_lm.lora: no valid.jsonl trains without validation, saying so.
+    (tmp_path / "d" / "valid.jsonl").rename(tmp_path / "d" / "train.jsonl")
+    r = run(*args, "--adapter-path", tmp_path / "a", "--iters", "1")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip() == f"warning: {tmp_path / 'd' / 'valid.jsonl'} not found; training without validation"
+    assert "Val loss" not in r.stdout and (tmp_path / "a" / "adapters.safetensors").exists()
 
 
 def test_an_adapter_that_does_not_fit(model_dir, trained, tmp_path):

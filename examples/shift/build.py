@@ -4,7 +4,8 @@ The task: the user sends a line of ``WIDTH`` characters, a random string of
 lowercase letters and digits (``MIN_LENGTH`` to ``MAX_LENGTH`` of them) padded
 with dots; the answer is the string with every character moved one place
 along ``abc...xyz0123...9`` (z becomes 0, 9 becomes a), without the dots.
-Answers run to 2 or 3 canvases of 256 tokens, and are right or wrong exactly.
+Answers, with their ``<turn|>``, run to 2 to 4 canvases of ``CANVAS_LENGTH`` (32) tokens
+(docs/training.md says why so short), and are right or wrong exactly.
 
 Every answer character sits a fixed distance after the prompt character it
 comes from (the prompt always has the same length): a copy that attention can

@@ -1,7 +1,14 @@
-"""python -m mlx_diffgemma.fuse: merge trained adapters into a model directory."""
+"""python -m mlx_diffgemma.fuse: merge trained adapters into a model directory.
+
+This module stays light: the library is imported inside ``main``'s Ctrl-C
+handler, so an interrupt while it loads ends with one line, not a traceback.
+"""
+
+import sys
 
 from .. import cli
-from ..fuse import fuse
+
+INTERRUPTED = "fuse interrupted; nothing was written"
 
 
 def setup_arg_parser():
@@ -21,13 +28,19 @@ def setup_arg_parser():
 
 
 def main(argv=None):
+    try:
+        from ..fuse import fuse
+    except KeyboardInterrupt:
+        print(INTERRUPTED, file=sys.stderr)
+        sys.exit(130)
     args = setup_arg_parser().parse_args(argv)
 
     def run():
         out = fuse(args.model, args.adapter_path, args.save_path, force=args.force)
         print(f"Fused model written to {out}")
 
-    cli.run(run)
+    # The model is written in a staging directory that an interrupt removes.
+    cli.run(run, interrupted=INTERRUPTED)
 
 
 if __name__ == "__main__":

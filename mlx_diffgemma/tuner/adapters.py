@@ -8,7 +8,10 @@ them. The LoRA and DoRA layers are mlx-lm's.
 
 import json
 import os
+import signal
 import tempfile
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -37,6 +40,8 @@ DEFAULT_LORA_KEYS = (
     "mlp.down_proj",
 )
 DEFAULT_LORA_PARAMETERS = {"rank": 8, "dropout": 0.0, "scale": 20.0}
+# mlx_lm.lora's --num-layers default; a model with fewer layers adapts them all.
+DEFAULT_NUM_LAYERS = 16
 _ADAPTER_LEAVES = {"lora_a", "lora_b", "m"}
 
 
@@ -50,8 +55,13 @@ def lora_parameters(config: Optional[dict]) -> dict:
     return params
 
 
-def _layer_count(model, num_layers: int) -> int:
+def layer_count(model, num_layers: Optional[int]) -> int:
+    """How many layers, counted from the last, ``num_layers`` adapts: -1 all,
+    None (not given) mlx-lm's default of 16 or all of a smaller model; a
+    value given out of range is an error."""
     n = len(model.layers)
+    if num_layers is None:
+        return min(DEFAULT_NUM_LAYERS, n)
     if num_layers == -1:
         return n
     if not 1 <= num_layers <= n:
@@ -66,27 +76,28 @@ def is_quantized(module: nn.Module) -> bool:
 def prepare(
     model,
     fine_tune_type: str,
-    num_layers: int,
+    num_layers: Optional[int],
     lora_config: Optional[dict] = None,
     train_router: bool = False,
 ) -> dict:
     """Freeze the model and make trainable what ``fine_tune_type`` trains.
 
     ``lora``/``dora``: mlx-lm's LoRA layers on ``keys`` of the last
-    ``num_layers`` layers. ``full``: every weight of those layers; with all
-    layers (-1), also the embedding, the final norm and self-conditioning,
-    so a model can be trained from scratch. The router trains only with
-    ``train_router``. Returns the ``lora_parameters`` used (None for full).
+    ``num_layers`` layers (None: mlx-lm's default, see ``layer_count``).
+    ``full``: every weight of those layers; with -1, also the embedding, the
+    final norm and self-conditioning, so a model can be trained from scratch.
+    The router trains only with ``train_router``. Returns the
+    ``lora_parameters`` used (None for full).
     """
     if fine_tune_type not in FINE_TUNE_TYPES:
         raise AdapterError(f"--fine-tune-type {fine_tune_type!r}: expected one of {', '.join(FINE_TUNE_TYPES)}")
-    n = _layer_count(model, num_layers)
+    n = layer_count(model, num_layers)
     model.freeze()
     params = None
     if fine_tune_type == "full":
         if is_quantized(model):
             raise AdapterError("--fine-tune-type full: the model is quantized; train LoRA on it (QLoRA) instead")
-        if n == len(model.layers):
+        if num_layers == -1:
             model.unfreeze()
         else:
             for layer in model.layers[-n:]:
@@ -112,30 +123,102 @@ def trainable_weights(model) -> Dict[str, mx.array]:
     return dict(tree_flatten(model.trainable_parameters()))
 
 
+def _umask() -> int:
+    # /proc tells without changing it; os.umask can only read by setting, which
+    # races with other threads creating files.
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write):
-    """``write(temporary_path)``, then rename it to ``path``: never a half-written file."""
+    """``write(temporary_path)``, then rename it to ``path``: never a half-written file.
+
+    mkstemp makes the temporary file private (0600); the file put in place
+    gets the mode of the one it replaces, or the umask's for a new one, as
+    ``open()`` would have given it.
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix or ".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        try:
+            mode = path.stat().st_mode & 0o7777
+        except FileNotFoundError:
+            mode = 0o666 & ~_umask()
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def save_adapters(model, path: Path):
-    atomic_write(path, lambda tmp: mx.save_safetensors(tmp, trainable_weights(model)))
+@contextmanager
+def interrupts_deferred():
+    """Hold Ctrl-C (SIGINT) until the block is done, then deliver it.
+
+    Saving writes two files; an interrupt between them would leave weights
+    and a config that disagree."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            signal.raise_signal(signal.SIGINT)
+
+
+def save_adapters(model, path: Path, config: Optional[dict] = None):
+    """The trainable weights to ``path`` and, given ``config``, adapter_config.json beside it.
+
+    The two always agree on disk: an interrupt waits until both are written,
+    and a config that would change is removed before the weights are
+    replaced, so a run killed outright in between leaves weights without a
+    config (which the loader refuses) rather than another run's config.
+    """
+    path = Path(path)
+    config_path = path.parent / CONFIG_FILE
+    with interrupts_deferred():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = None if config is None else _config_text(config)
+        if text is not None and config_path.exists():
+            try:
+                same = config_path.read_text() == text
+            except (OSError, UnicodeDecodeError):
+                same = False
+            if not same:
+                config_path.unlink()
+        atomic_write(path, lambda tmp: mx.save_safetensors(tmp, trainable_weights(model)))
+        if text is not None:
+            atomic_write(config_path, lambda tmp: Path(tmp).write_text(text))
+
+
+def _config_text(config: dict) -> str:
+    return json.dumps(config, indent=4, sort_keys=True, default=str) + "\n"
 
 
 def save_adapter_config(config: dict, path: Path):
-    text = json.dumps(config, indent=4, sort_keys=True, default=str) + "\n"
+    text = _config_text(config)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def read_adapter_config(adapter_path: Path) -> dict:
     path = adapter_path / CONFIG_FILE
+    if adapter_path.is_file():
+        raise AdapterError(
+            f"{adapter_path}: a file, not an adapter directory (one holding {ADAPTER_FILE} and {CONFIG_FILE})"
+        )
     if not adapter_path.is_dir():
         raise AdapterError(f"{adapter_path}: no such adapter directory")
     if not path.is_file():
@@ -149,8 +232,10 @@ def read_adapter_config(adapter_path: Path) -> dict:
     kind = config.get("fine_tune_type", "lora")
     if kind not in FINE_TUNE_TYPES:
         raise AdapterError(f"{path}: fine_tune_type {kind!r} is not one of {', '.join(FINE_TUNE_TYPES)}")
-    if not isinstance(config.get("num_layers", -1), int):
+    if not isinstance(config.get("num_layers", -1), int) or isinstance(config.get("num_layers"), bool):
         raise AdapterError(f"{path}: num_layers must be an integer")
+    if not isinstance(config.get("train_router", False), bool):
+        raise AdapterError(f"{path}: train_router must be true or false")
     return config
 
 
@@ -158,8 +243,9 @@ def load_adapters(model, adapter_path, weights_file: Optional[Path] = None):
     """Apply the adapter in directory ``adapter_path`` to ``model``, in place.
 
     Every tensor of the adapter file must be a trainable parameter of the
-    adapted model with the same shape; anything else is an error naming the
-    file and tensor.
+    adapted model with the same shape (the routers' weights too when the
+    config says ``train_router``: the trainer saves them); anything else is
+    an error naming the file and tensor.
     """
     adapter_path = Path(adapter_path).expanduser()
     config = read_adapter_config(adapter_path)
@@ -169,7 +255,7 @@ def load_adapters(model, adapter_path, weights_file: Optional[Path] = None):
         n = config.get("num_layers", -1)
         try:
             linear_to_lora_layers(
-                model, _layer_count(model, n), lora_parameters(config.get("lora_parameters")), use_dora=kind == "dora"
+                model, layer_count(model, n), lora_parameters(config.get("lora_parameters")), use_dora=kind == "dora"
             )
         except (KeyError, ValueError) as e:
             raise AdapterError(f"{source}: {e}") from None
@@ -178,7 +264,8 @@ def load_adapters(model, adapter_path, weights_file: Optional[Path] = None):
         weights = mx.load(str(weights_file))
     except Exception as e:
         raise AdapterError(f"{weights_file}: cannot read ({str(e).splitlines()[0] if str(e) else e})") from None
-    check_adapter_weights(model, weights, weights_file, full=kind == "full")
+    routers = router_layers(model, config.get("num_layers", -1)) if config.get("train_router") else ()
+    check_adapter_weights(model, weights, weights_file, full=kind == "full", routers=routers)
     model.load_weights(list(weights.items()), strict=False)
     cpu_experts.upcast_experts(model)
     mx.eval(model.parameters())
@@ -186,12 +273,32 @@ def load_adapters(model, adapter_path, weights_file: Optional[Path] = None):
     return model
 
 
-def check_adapter_weights(model, weights: Dict[str, mx.array], source: Path, full: bool):
+def router_layers(model, num_layers: Optional[int]) -> range:
+    """The layers whose router ``--train-router`` trains: those adapted."""
+    n = len(model.layers)
+    return range(n - layer_count(model, num_layers), n)
+
+
+ROUTER_HINT = "a router's weight, which only training with train_router saves"
+
+
+def check_adapter_weights(
+    model, weights: Dict[str, mx.array], source: Path, full: bool, routers=(), router_hint: str = ROUTER_HINT
+):
+    """Each tensor must be a parameter the training could have saved: any
+    weight for a full fine-tune, else a LoRA/DoRA leaf or a parameter of the
+    routers of layers ``routers``; with the model's shape. ``router_hint``
+    follows the error about a router's weight when routers are not allowed."""
     params = dict(tree_flatten(model.parameters()))
+    router_prefixes = tuple(f"layers.{i}.router." for i in routers)
     for name, value in weights.items():
         want = params.get(name)
-        if want is None or (not full and name.rsplit(".", 1)[-1] not in _ADAPTER_LEAVES):
-            raise AdapterError(f"{source}: tensor {name} is not an adapter parameter of this model")
+        adapter_leaf = name.rsplit(".", 1)[-1] in _ADAPTER_LEAVES or name.startswith(router_prefixes)
+        if want is None or not (full or adapter_leaf):
+            hint = ""
+            if want is not None and ".router." in name and not router_prefixes:
+                hint = f" ({router_hint})"
+            raise AdapterError(f"{source}: tensor {name} is not an adapter parameter of this model{hint}")
         if tuple(value.shape) != tuple(want.shape):
             raise AdapterError(
                 f"{source}: tensor {name} has shape {list(value.shape)}, the model's is {list(want.shape)}"

@@ -14,6 +14,7 @@ Block diffusion always needs the split: the completion is what gets cut into
 canvases. Every problem is reported as ``file:line: what``.
 """
 
+import codecs
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,12 @@ from typing import Dict, List, Optional
 from ..chat_template import render
 
 SPLITS = ("train", "valid", "test")
+# The roles the chat template renders (tests/tokenizer_fixture.py, the
+# released template's shape): system or developer (as the first message),
+# user, assistant (or Gemma's own name for it, model) and tool. Any other
+# would be rendered as a turn of that name, or dropped, silently.
+ROLES = ("system", "developer", "user", "assistant", "model", "tool")
+EXPECTED_DIRECTORY = "a directory holding train.jsonl and valid.jsonl (and test.jsonl for --test)"
 
 
 class DataError(ValueError):
@@ -50,6 +57,8 @@ def _chat_example(tokenizer, messages: list, tools, where: str) -> Example:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise DataError(f"{where}: message {i} must be an object with a 'role' string")
+        if m["role"] not in ROLES:
+            raise DataError(f"{where}: message {i} has role {m['role']!r}; expected one of {', '.join(ROLES)}")
         if not isinstance(m.get("content", ""), str) and "tool_calls" not in m:
             raise DataError(f"{where}: message {i} has a non-string 'content'")
     last = messages[-1]
@@ -96,16 +105,31 @@ def _example(tokenizer, record, where: str) -> Example:
     raise DataError(f"{where}: no 'messages', 'prompt'/'completion' or 'text' field")
 
 
-def read_jsonl(path: Path, tokenizer) -> List[Example]:
-    """Every example of one jsonl file, or DataError naming the file and line."""
+def _lines(path: Path):
+    """(number, text) of each line, split at newlines only, as a text editor
+    numbers them (str.splitlines would also split at U+2028 and friends,
+    which JSON strings may hold); each line decoded on its own, so a byte
+    that is not UTF-8 is reported with its line."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
+        data = path.read_bytes()
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    for number, raw in enumerate(data.split(b"\n"), 1):
+        raw = raw.removesuffix(b"\r")
+        if number == 1:
+            raw = raw.removeprefix(codecs.BOM_UTF8)  # editors on Windows write one
+        try:
+            yield number, raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(
+                f"{path}:{number}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}: {e.reason})"
+            ) from None
+
+
+def read_jsonl(path: Path, tokenizer) -> List[Example]:
+    """Every example of one jsonl file, or DataError naming the file and line."""
     examples = []
-    for number, line in enumerate(lines, 1):
+    for number, line in _lines(path):
         if not line.strip():
             continue
         where = f"{path}:{number}"
@@ -115,15 +139,27 @@ def read_jsonl(path: Path, tokenizer) -> List[Example]:
             raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
         examples.append(_example(tokenizer, record, where))
     if not examples:
-        raise DataError(f"{path}: no examples (the file is empty)")
+        raise DataError(f"{path}: no examples (the file is empty or blank)")
     return examples
+
+
+def check_data_directory(data: str, flag: str = "--data") -> Path:
+    """``data`` as a directory of splits, or DataError saying what is expected."""
+    root = Path(data).expanduser()
+    if root.is_dir():
+        return root
+    if root.exists():
+        raise DataError(f"{flag} {data}: a file, not a directory; expected {EXPECTED_DIRECTORY}")
+    # mlx_lm.lora downloads a Hugging Face dataset by that name; we read local files only.
+    raise DataError(
+        f"{flag} {data}: no such directory; expected {EXPECTED_DIRECTORY}; "
+        "Hugging Face dataset names are not downloaded"
+    )
 
 
 def load_dataset(data: str, tokenizer, splits=SPLITS, required=()) -> Dict[str, Optional[List[Example]]]:
     """The splits found in directory ``data``; those in ``required`` must exist."""
-    root = Path(data).expanduser()
-    if not root.is_dir():
-        raise DataError(f"{data}: no such data directory (expected train.jsonl, valid.jsonl, test.jsonl in it)")
+    root = check_data_directory(data)
     out = {}
     for split in splits:
         path = root / f"{split}.jsonl"

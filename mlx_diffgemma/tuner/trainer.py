@@ -30,6 +30,9 @@ class TrainingArgs:
     steps_per_eval: int = 200
     steps_per_save: int = 100
     adapter_file: Optional[Path] = None
+    # Written beside adapter_file with every save of it (adapter_config.json),
+    # so the two on disk always come from the same run.
+    adapter_config: Optional[dict] = None
     grad_checkpoint: bool = False
     ar_weight: float = 1.0
     seed: int = 0
@@ -106,8 +109,12 @@ def train(
     objective: ObjectiveArgs,
     args: TrainingArgs,
     report: Callable[[str], None] = print,
+    on_save: Optional[Callable[[int], None]] = None,
 ) -> List[dict]:
-    """Train in place; returns the reports as dicts (the training curve)."""
+    """Train in place; returns the reports as dicts (the training curve).
+
+    ``on_save(iteration)`` is called once ``args.adapter_file`` holds that
+    iteration's weights (the command line says so when interrupted)."""
     if args.grad_checkpoint:
         checkpoint_feed_forward(model)
     value_and_grad = nn.value_and_grad(model, loss)
@@ -121,8 +128,13 @@ def train(
         report(f"Iter {it}: Val loss {val_loss:.3f}, Val took {took:.3f}s")
         history.append({"iteration": it, "val_loss": val_loss, "val_time": took})
 
+    def saved(it):
+        if on_save:
+            on_save(it)
+
     def save(it):
-        save_adapters(model, args.adapter_file)
+        save_adapters(model, args.adapter_file, args.adapter_config)
+        saved(it)
         numbered = args.adapter_file.with_name(f"{it:07d}_{args.adapter_file.name}")
         save_adapters(model, numbered)
         report(f"Iter {it}: Saved adapter weights to {args.adapter_file} and {numbered}.")
@@ -167,6 +179,7 @@ def train(
         if args.adapter_file and it % args.steps_per_save == 0 and it != args.iters:
             save(it)
     if args.adapter_file:
-        save_adapters(model, args.adapter_file)
+        save_adapters(model, args.adapter_file, args.adapter_config)
+        saved(args.iters)
         report(f"Saved final weights to {args.adapter_file}.")
     return history
