@@ -60,7 +60,9 @@ def atomic_write(path: Union[str, Path], write: Callable[[str], None], overwrite
     """
     path = Path(path)
     target = check_writable(path) if overwrite else path
-    fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
+    # The temporary keeps the file's extension: mx.save_safetensors appends
+    # ".safetensors" to a name that does not end with it.
+    fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=f".partial{target.suffix}")
     os.close(fd)
     try:
         write(temporary)

@@ -158,30 +158,9 @@ def read_eos_token_ids(model_path: Union[str, Path]) -> Optional[List[int]]:
     return None
 
 
-def _legacy_chat_template(model_path: Path) -> Optional[str]:
-    """A template only found in a processor-style chat_template.json, which the
-    tokenizer does not read by itself."""
-    if (model_path / "chat_template.jinja").is_file():
-        return None
-    cfg = model_path / "tokenizer_config.json"
-    if cfg.is_file():
-        try:
-            if json.loads(cfg.read_text(encoding="utf-8")).get("chat_template"):
-                return None
-        except (json.JSONDecodeError, OSError):
-            pass
-    f = model_path / "chat_template.json"
-    if f.is_file():
-        try:
-            template = json.loads(f.read_text(encoding="utf-8")).get("chat_template")
-        except (json.JSONDecodeError, OSError):
-            return None
-        if isinstance(template, str) and template:
-            return template
-    return None
-
-
-def _check_json_files(model_path: Path):
+def _read_json_files(model_path: Path) -> Dict[str, dict]:
+    """The tokenizer's JSON files that exist, parsed, or TokenizerError naming a broken one."""
+    parsed = {}
     for name in TOKENIZER_JSON_FILES:
         f = model_path / name
         if not f.is_file():
@@ -192,6 +171,19 @@ def _check_json_files(model_path: Path):
             raise TokenizerError(f"{f}: not valid JSON ({e})") from None
         if not isinstance(value, dict):
             raise TokenizerError(f"{f}: expected a JSON object")
+        parsed[name] = value
+    return parsed
+
+
+def _legacy_chat_template(model_path: Path, json_files: Dict[str, dict]) -> Optional[str]:
+    """A template only found in a processor-style chat_template.json, which the
+    tokenizer does not read by itself."""
+    if (model_path / "chat_template.jinja").is_file():
+        return None
+    if json_files.get("tokenizer_config.json", {}).get("chat_template"):
+        return None
+    template = json_files.get("chat_template.json", {}).get("chat_template")
+    return template if isinstance(template, str) and template else None
 
 
 class _GenerationTag(jinja2.ext.Extension):
@@ -211,21 +203,18 @@ _TEMPLATE_PARSER = jinja2.sandbox.ImmutableSandboxedEnvironment(
 )
 
 
-def _template_sources(model_path: Path, templates: Dict[str, str]) -> Dict[str, Path]:
+def _template_sources(model_path: Path, templates, json_files: Dict[str, dict]) -> Dict[str, Path]:
     """The file each named template was read from, by transformers' order of precedence."""
-    config = model_path / "tokenizer_config.json"
-    legacy = model_path / "chat_template.json"
-    in_config = False
-    if config.is_file():
-        in_config = bool(json.loads(config.read_text(encoding="utf-8")).get("chat_template"))
+    in_config = bool(json_files.get("tokenizer_config.json", {}).get("chat_template"))
+    fallback = model_path / ("tokenizer_config.json" if in_config else "chat_template.json")
     sources = {}
     for name in templates:
         own = model_path / ("chat_template.jinja" if name == "default" else f"additional_chat_templates/{name}.jinja")
-        sources[name] = own if own.is_file() else config if in_config else legacy
+        sources[name] = own if own.is_file() else fallback
     return sources
 
 
-def check_chat_templates(model_path: Path, tokenizer) -> None:
+def check_chat_templates(model_path: Path, tokenizer, json_files: Dict[str, dict]) -> None:
     """Compile the checkpoint's chat templates now, so a broken one is named
     (file and line) when the model loads, not as a traceback at the first prompt."""
     templates = getattr(tokenizer, "chat_template", None)
@@ -233,7 +222,7 @@ def check_chat_templates(model_path: Path, tokenizer) -> None:
         return
     if isinstance(templates, str):
         templates = {"default": templates}
-    sources = _template_sources(model_path, templates)
+    sources = _template_sources(model_path, templates, json_files)
     for name, template in templates.items():
         source = sources[name]
         try:
@@ -263,9 +252,9 @@ def load_tokenizer(
     else:
         eos_token_ids = [int(e) for e in eos_token_ids]
 
-    _check_json_files(model_path)
+    json_files = _read_json_files(model_path)
     extra = {"local_files_only": True}
-    template = _legacy_chat_template(model_path)
+    template = _legacy_chat_template(model_path, json_files)
     if template is not None:
         extra["chat_template"] = template
     try:
@@ -276,7 +265,7 @@ def load_tokenizer(
         files = ", ".join(f for f in TOKENIZER_FILES if (model_path / f).is_file())
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TokenizerError(f"{model_path / files.split(', ')[0]}: cannot build the tokenizer ({detail})") from None
-    check_chat_templates(model_path, wrapper._tokenizer)
+    check_chat_templates(model_path, wrapper._tokenizer, json_files)
 
     old = wrapper._detokenizer
     if isinstance(old, SPMStreamingDetokenizer):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
+from cli_checks import one_line_error
 from reference import CANVAS, build_reference
 from tokenizer_fixture import write_test_tokenizer
 
@@ -67,17 +68,6 @@ def run(*args, stdin=b"", prefix=(), timeout=180, shell_tail=""):
     r = subprocess.run(command, input=None if shell_tail else stdin, capture_output=True, env=ENV, timeout=timeout)
     r.stdout, r.stderr = (x.decode("utf-8", "replace") for x in (r.stdout, r.stderr))
     return r
-
-
-def one_line_error(r, *needles, code=None):
-    """Non-zero exit, no traceback, exactly one line on stderr holding every needle."""
-    assert r.returncode != 0 if code is None else r.returncode == code, (r.returncode, r.stderr)
-    assert "Traceback" not in r.stderr, r.stderr
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, r.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def set_tensor(model_path: Path, name: str, change):

@@ -12,6 +12,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 import pytest
+from cli_checks import one_line_error
 from convert_reference import build_quantization_reference
 from mlx.utils import tree_flatten
 from reference import CANVAS, build_reference
@@ -85,16 +86,6 @@ def run(*args, prefix=(), timeout=300):
         [*prefix, sys.executable, *map(str, args)], capture_output=True, text=True, env=ENV, timeout=timeout
     )
     return r
-
-
-def one_line_error(r, *needles):
-    assert r.returncode != 0, r.stdout
-    assert "Traceback" not in r.stderr, r.stderr
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, r.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 # -- The objective ---------------------------------------------------------------

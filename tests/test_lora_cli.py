@@ -3,6 +3,7 @@
 Each test runs the command in a subprocess and checks the one-line error,
 the exit status, and what is (and is not) left on disk."""
 
+import functools
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from cli_checks import one_line_error as any_one_line_error
 from mlx.utils import tree_flatten
 from reference import build_reference
 from tokenizer_fixture import write_test_tokenizer
@@ -44,22 +46,16 @@ def run(*args, timeout=300):
     )
 
 
+# Every failure here exits 1 unless a test says otherwise.
+one_line_error = functools.partial(any_one_line_error, code=1)
+
+
 def lora(*args, **kw):
     return run("-m", "mlx_diffgemma.lora", *args, **kw)
 
 
 def fuse(*args, **kw):
     return run("-m", "mlx_diffgemma.fuse", *args, **kw)
-
-
-def one_line_error(r, *needles, status=1):
-    assert r.returncode == status, (r.returncode, r.stdout, r.stderr)
-    assert "Traceback" not in r.stderr, r.stderr
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, r.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +221,7 @@ def test_ctrl_c_before_the_first_save_writes_nothing(model_dir, data_dir, tmp_pa
     one_line_error(
         subprocess.CompletedProcess(args, status, "", stderr),
         "training interrupted before its first save (every 100 iterations); nothing was written to",
-        status=130,
+        code=130,
     )
     assert not (tmp_path / "new").exists()  # the directories made to check --adapter-path are gone
 

@@ -28,8 +28,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
-import jinja2
-
 from ..chat import ChatCache, commit_answer
 from ..chat_template import render
 from ..generate import stream_generate
@@ -41,16 +39,14 @@ from .protocol import APIError, Request, Usage, envelope, new_id
 log = logging.getLogger("mlx_diffgemma.server")
 
 
-INPUT_ERRORS = (APIError, ValueError, TypeError, jinja2.TemplateError)
+# A template that rejects a conversation is a ValueError too (chat_template.render says so).
+INPUT_ERRORS = (APIError, ValueError, TypeError)
 
 
 def input_error(e: Exception) -> APIError:
     """The answer to an error a request's input caused: a 400 naming it."""
     if isinstance(e, APIError):
         return e
-    if isinstance(e, jinja2.TemplateError):
-        # The checkpoint's template refuses some conversations (roles out of order, say).
-        return APIError(400, f"the chat template rejected the conversation: {e}".splitlines()[0])
     return APIError(400, str(e).splitlines()[0])
 
 
