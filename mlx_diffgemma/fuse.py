@@ -72,11 +72,6 @@ def fuse(model: str, adapter_path: str, save_path: str, force: bool = False, rev
 
 if __name__ == "__main__":
     # The command line lives in the cli package; the library never imports it.
-    import sys
+    from .cli.fuse import main
 
-    try:
-        from .cli.fuse import main
-    except KeyboardInterrupt:  # Ctrl-C while the libraries load
-        print("fuse interrupted; nothing was written", file=sys.stderr)
-        sys.exit(130)
     main()

@@ -4,11 +4,6 @@ The trainer is the ``tuner`` package; the command line is ``cli.lora``.
 """
 
 if __name__ == "__main__":
-    import sys
+    from .cli.lora import main
 
-    try:
-        from .cli.lora import main
-    except KeyboardInterrupt:  # Ctrl-C while the libraries load
-        print("interrupted before training started; nothing was written", file=sys.stderr)
-        sys.exit(130)
     main()

@@ -360,12 +360,3 @@ def test_the_shift_example_describes_its_canvases():
     assert (fewest, most, build.CANVAS_LENGTH) == (2, 4, 32)
     assert f"{fewest} to {most} canvases of ``CANVAS_LENGTH`` ({build.CANVAS_LENGTH}) tokens" in build.__doc__
     assert "256" not in build.__doc__
-
-
-def test_the_command_line_names_what_the_trainer_knows():
-    """cli.lora spells the choices out so as not to import the trainer before its Ctrl-C handler."""
-    from mlx_diffgemma.cli import lora as command
-    from mlx_diffgemma.tuner import run as trainer
-
-    assert command.FINE_TUNE_TYPES == adapters.FINE_TUNE_TYPES
-    assert command.OPTIMIZERS == tuple(sorted(trainer.OPTIMIZERS))

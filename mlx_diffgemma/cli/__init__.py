@@ -12,7 +12,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Union
 
 import mlx.core as mx
 
@@ -306,13 +306,13 @@ def load_for_generation(model: str, adapter_path: Optional[str] = None):
 # -- Running a command ---------------------------------------------------------
 
 
-def run(command: Callable[[], Optional[int]], interrupted: Optional[str] = None):
+def run(command: Callable[[], Optional[int]], interrupted: Union[str, Callable[[], str], None] = None):
     """Run a command's body and exit; every command fails the same way.
 
     Errors a user can cause (bad input, a bad checkpoint, a file that cannot
     be read or written: ``ValueError`` and ``OSError``) print
     one line, ``error: ...``, and exit 1. Ctrl-C exits 130, printing
-    ``interrupted`` if given.
+    ``interrupted`` if given (a function: what it returns then).
     """
     try:
         code = command()
@@ -326,7 +326,8 @@ def run(command: Callable[[], Optional[int]], interrupted: Optional[str] = None)
         print(f"error: {message}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
-        if interrupted:
-            print(interrupted, file=sys.stderr)
+        message = interrupted() if callable(interrupted) else interrupted
+        if message:
+            print(message, file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)

@@ -1,12 +1,7 @@
-"""python -m mlx_diffgemma.fuse: merge trained adapters into a model directory.
-
-This module stays light: the library is imported inside ``main``'s Ctrl-C
-handler, so an interrupt while it loads ends with one line, not a traceback.
-"""
-
-import sys
+"""python -m mlx_diffgemma.fuse: merge trained adapters into a model directory."""
 
 from .. import cli
+from ..fuse import fuse
 
 INTERRUPTED = "fuse interrupted; nothing was written"
 
@@ -28,11 +23,6 @@ def setup_arg_parser():
 
 
 def main(argv=None):
-    try:
-        from ..fuse import fuse
-    except KeyboardInterrupt:
-        print(INTERRUPTED, file=sys.stderr)
-        sys.exit(130)
     args = setup_arg_parser().parse_args(argv)
 
     def run():

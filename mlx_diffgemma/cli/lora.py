@@ -3,23 +3,15 @@
 The flags are mlx_lm.lora's; a YAML file (``-c``) may set any of them by its
 long name with underscores, and also ``lora_parameters``, ``lr_schedule`` and
 ``optimizer_config`` as in mlx-lm. Flags given on the command line win.
-
-This module stays light: the trainer and its libraries are imported inside
-``main``'s Ctrl-C handler (``tuner.run``), so an interrupt while they load
-ends with one line, not a traceback.
 """
 
 import argparse
 import math
-import sys
 from pathlib import Path
 
 from .. import cli
-
-# tuner.adapters.FINE_TUNE_TYPES and tuner.run.OPTIMIZERS, named here without
-# importing them (a test holds them equal).
-FINE_TUNE_TYPES = ("lora", "dora", "full")
-OPTIMIZERS = ("adafactor", "adam", "adamw", "muon", "sgd")
+from ..tuner.adapters import FINE_TUNE_TYPES
+from ..tuner.run import OPTIMIZERS, Progress, run_lora
 
 # mlx_lm.lora's defaults, where the option means the same here.
 DEFAULTS = {
@@ -71,7 +63,7 @@ def setup_arg_parser():
         "--data", metavar="DIR", help="Directory with train.jsonl and valid.jsonl (test.jsonl for --test)."
     )
     parser.add_argument("--fine-tune-type", choices=FINE_TUNE_TYPES, help="lora (default), dora or full.")
-    parser.add_argument("--optimizer", choices=OPTIMIZERS, help="Optimizer (default adam).")
+    parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), help="Optimizer (default adam).")
     parser.add_argument(
         "--mask-prompt", action="store_true", default=None, help="No autoregressive loss on prompt tokens."
     )
@@ -167,7 +159,7 @@ def check_options(opts: dict, config_file=None):
     if not (opts["train"] or opts["test"]):
         raise ValueError("nothing to do: pass --train, --test or both")
     if opts["optimizer"] not in OPTIMIZERS:
-        raise ValueError(f"--optimizer {opts['optimizer']!r}: expected one of {', '.join(OPTIMIZERS)}")
+        raise ValueError(f"--optimizer {opts['optimizer']!r}: expected one of {', '.join(sorted(OPTIMIZERS))}")
     if opts["fine_tune_type"] not in FINE_TUNE_TYPES:
         raise ValueError(f"--fine-tune-type {opts['fine_tune_type']!r}: expected lora, dora or full")
     for name in ("optimizer_config", "lr_schedule"):
@@ -184,22 +176,9 @@ def check_options(opts: dict, config_file=None):
 
 
 def main(argv=None):
-    try:
-        from ..tuner.run import Progress, run_lora
-    except KeyboardInterrupt:
-        print("interrupted before training started; nothing was written", file=sys.stderr)
-        sys.exit(130)
     progress = Progress()
-
-    def command():
-        try:
-            return run_lora(options(argv), progress)
-        except KeyboardInterrupt:
-            # One line saying what is on disk (cli.run would print a blank one).
-            print(progress.interrupted(), file=sys.stderr)
-            return 130
-
-    cli.run(command)
+    # Ctrl-C: one line saying what is on disk.
+    cli.run(lambda: run_lora(options(argv), progress), interrupted=progress.interrupted)
 
 
 if __name__ == "__main__":
