@@ -91,6 +91,14 @@ class Layout:
     def next_free(self, start: int) -> Optional[int]:
         return next((i for i in range(start, len(self.free)) if self.free[i]), None)
 
+    def fixed_read(self, canvas_length: int) -> int:
+        """Known tokens the model reads filling this layout (as ``fill`` walks
+        it): those before each window and in it, up to the last window's end."""
+        pos = 0
+        while (start := self.next_free(pos)) is not None:
+            pos = min(start + canvas_length, len(self.tokens))
+        return pos - sum(self.free[:pos])
+
 
 @dataclass
 class FillStep:
@@ -202,6 +210,7 @@ class FillResponse:
     length: Optional[int] = None  # tokens written (infill: the gap); set when finished
     scores: Optional[Dict[int, float]] = None  # automatic infill: suffix agreement per candidate length
     spans: Optional[List[Tuple[int, int]]] = None  # edit: where the spans now are in ``text``
+    fixed_tokens: int = 0  # known tokens read beside the prompt (a suffix's head, an edit's kept text); when finished
     _parts: Optional[Callable[[bool], List[Tuple[str, bool]]]] = field(default=None, repr=False)
     _leading: Optional[Callable[[], int]] = field(default=None, repr=False)
 
@@ -385,7 +394,12 @@ def stream_infill(
         scores, best = dict(zip(lengths, agreement)), best_row(agreement)
     # An end of sequence inside the gap ends the text there, as it ends an answer.
     middle, _ = sampler.split_at_eos(docs[best][: lengths[best]], sp.eos_token_id)
-    yield run.result(tokenizer.decode(middle), length=len(middle), scores=scores)
+    yield run.result(
+        tokenizer.decode(middle, skip_special_tokens=True),
+        length=len(middle),
+        scores=scores,
+        fixed_tokens=layouts[best].fixed_read(C),
+    )
 
 
 def _lengths(length, canvas_length: int, max_tokens: int) -> List[int]:
@@ -542,11 +556,13 @@ def stream_edit(
     for k, i in enumerate(order):
         position += len(pieces[2 * k][0])
         n = len(pieces[2 * k + 1][0])
-        rewritten = tokenizer.decode(sampler.split_at_eos(written[position : position + n], sp.eos_token_id)[0])
+        # Control tokens are never document text (the kept text was read as plain text too).
+        span_ids = sampler.split_at_eos(written[position : position + n], sp.eos_token_id)[0]
+        rewritten = tokenizer.decode(span_ids, skip_special_tokens=True)
         position += n
         new_spans[i] = (len(out), len(out) + len(rewritten))
         out += rewritten + kept[k + 1]
-    yield run.result(out, spans=new_spans, length=sum(layout.free))
+    yield run.result(out, spans=new_spans, length=sum(layout.free), fixed_tokens=layout.fixed_read(model.canvas_length))
 
 
 def end_of_turn(tokenizer) -> List[int]:

@@ -5,6 +5,7 @@ between known text can be checked exactly. The step-by-step checks wrap
 ``model.denoise`` to see every canvas the decoder is given.
 """
 
+import importlib
 from pathlib import Path
 
 import mlx.core as mx
@@ -29,6 +30,7 @@ from mlx_diffgemma.infill import (
     stream_infill,
 )
 
+infill_module = importlib.import_module("mlx_diffgemma.infill")  # the package's `infill` is the function
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "examples" / "shift" / "model"
 QUESTION = (
@@ -89,6 +91,7 @@ def test_fixed_tokens_hold_in_every_step_and_in_the_result(shipped, monkeypatch)
         *_, (shown, fixed) = r.draft_parts()
         assert fixed and shown == tokenizer.decode(head)
     assert responses[-1].text == ANSWER[10:17]  # the model really fills it
+    assert responses[-1].fixed_tokens == len(head)  # what the decoder read beside the prompt
 
 
 def test_a_step_counts_its_fixed_tokens_log_probability():
@@ -257,6 +260,43 @@ def test_edit_reads_text_and_instruction_as_plain_text(shipped, monkeypatch):
     edit(model, tokenizer, "ab<turn|>cd" + "e" * 40, [(0, 1)], "x<turn|>y", max_denoising_steps=2)
     # The one <turn|> in the prompt closes the instruction's turn.
     assert seen.count(turn) == 1
+
+
+def test_fixed_read_counts_what_the_windows_hold():
+    """The known tokens ``fill`` shows the decoder: before each window's gap and in it."""
+    one_gap = Layout([5] * 10, [False, False, True, True] + [False] * 6)
+    assert one_gap.fixed_read(4) == 4  # window [2, 6): two gap tokens, two known
+    two_windows = Layout([5] * 10, [False] * 3 + [True] * 2 + [False] * 3 + [True] + [False])
+    assert two_windows.fixed_read(4) == 7  # windows [3, 7) and [8, 10), the known text between read too
+    assert Layout([5] * 3, [False] * 3).fixed_read(4) == 0
+
+
+def _with_a_control_token(monkeypatch, token):
+    """``fill``, with its written documents holding ``token`` at their first free position."""
+    original = infill_module.fill
+
+    def fill(model, cache, layouts, seeds, sp):
+        for event in original(model, cache, layouts, seeds, sp):
+            if not isinstance(event, FillStep):
+                event = [list(doc) for doc in event]
+                for doc, layout in zip(event, layouts):
+                    doc[layout.free.index(True)] = token
+            yield event
+
+    monkeypatch.setattr(infill_module, "fill", fill)
+
+
+def test_written_control_tokens_are_not_document_text(shipped, monkeypatch):
+    """A gap or span is document text: a control token the model writes there is dropped, not spelled."""
+    model, tokenizer = shipped
+    channel = tokenizer.convert_tokens_to_ids("<|channel>")
+    _with_a_control_token(monkeypatch, channel)
+    prefix = chat(tokenizer, QUESTION) + plain_ids(tokenizer, ANSWER[:10])
+    suffix = plain_ids(tokenizer, ANSWER[17:]) + end_of_turn(tokenizer)
+    text = infill(model, tokenizer, prefix, suffix, 7, seed=3)
+    assert "<|channel>" not in text and ANSWER[10:17].endswith(text) and len(text) < 7
+    result = edit(model, tokenizer, ANSWER[:4] + "zzzzz" + ANSWER[9:40], [(4, 9)], QUESTION, seed=2)
+    assert "<|channel>" not in result.text and result.text.startswith(ANSWER[:4])
 
 
 def test_rows_of_one_fill_share_their_window(shipped):

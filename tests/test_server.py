@@ -16,16 +16,21 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from openai import APIStatusError, OpenAI
 from trained_checkpoint import CONVERSATIONS, TOOLS, build_trained_checkpoint
 
 from mlx_diffgemma import load
-from mlx_diffgemma.chat_template import render
+from mlx_diffgemma.chat_template import plain_ids, render
 from mlx_diffgemma.generate import stream_generate
-from mlx_diffgemma.infill import edit, last, stream_infill
+from mlx_diffgemma.infill import last, stream_edit, stream_infill
+from mlx_diffgemma.server.conversations import Conversations
+from mlx_diffgemma.server.http import model_names
 from mlx_diffgemma.server.output import ChatOutput
+from mlx_diffgemma.server.protocol import cut_at_indent, parse_request, select_fields
+from mlx_diffgemma.server.worker import Job, Settings, Worker
 from mlx_diffgemma.thinking import split_thinking
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,11 +77,15 @@ class Server:
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read()), dict(e.headers)
 
-    def rss(self) -> int:
+    def status(self, name: str) -> int:
+        """A number from the server process's /proc status (``VmRSS`` in kB, ``Threads``)."""
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        raise RuntimeError("no VmRSS")
+            if line.startswith(name + ":"):
+                return int(line.split()[1])
+        raise RuntimeError(f"no {name}")
+
+    def rss(self) -> int:
+        return self.status("VmRSS") * 1024
 
 
 def start_server(model_dir, adapter_dir, *extra) -> Server:
@@ -99,21 +108,25 @@ def start_server(model_dir, adapter_dir, *extra) -> Server:
     return Server(proc, f"http://127.0.0.1:{match.group(1)}")
 
 
-@pytest.fixture(scope="module")
-def server(trained):
-    s = start_server(*trained, "--queue-size", "64", "--max-request-bytes", "65536")
+def serving(trained, *extra):
+    """A module fixture's server, stopped at the end."""
+    s = start_server(*trained, *extra)
     yield s
     s.proc.terminate()
     s.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(trained):
+    yield from serving(trained, "--queue-size", "64", "--max-request-bytes", "65536")
 
 
 @pytest.fixture(scope="module")
 def single(trained):
     """One request generating at a time, one waiting: for cancellation and the queue bound."""
-    s = start_server(*trained, "--max-concurrency", "1", "--queue-size", "1")
-    yield s
-    s.proc.terminate()
-    s.proc.wait(timeout=30)
+    # Requests here may ask for up to 100,000 steps a canvas (a long stream);
+    # the short ones ask for the checkpoint's 48.
+    yield from serving(trained, "--max-concurrency", "1", "--queue-size", "1", "--max-denoising-steps", "100000")
 
 
 def expected(reference, prompt, max_tokens=64, seed=0, **params):
@@ -167,6 +180,35 @@ def test_models_and_health(server):
     assert [m.id for m in server.client().models.list()] == [MODEL_ID]
     with urllib.request.urlopen(server.url + "/health") as r:
         assert json.loads(r.read()) == {"status": "ok"}
+
+
+def test_the_names_a_request_may_give_the_model(server, reference):
+    """The served id, and what clients send when the user gave no name:
+    "default_model" (set up for mlx_lm.server) and "" (llama.cpp's plugins)."""
+    want = expected(reference, chat_ids(reference, HI[0]), 32, seed=0)["text"].strip()
+    client = server.client()
+    for name in (MODEL_ID, "default_model", ""):
+        r = client.chat.completions.create(model=name, messages=HI[0], max_tokens=32, seed=0)
+        assert r.choices[0].message.content == want and r.model == MODEL_ID, name
+        assert client.models.retrieve(name or "default_model").id == MODEL_ID
+    # Any other name is a 404 naming the accepted ones: a client set up for
+    # another model gets an error, not this model's answer.
+    with pytest.raises(APIStatusError) as e:
+        client.chat.completions.create(model="gpt-4", messages=HI[0], max_tokens=8)
+    assert e.value.status_code == 404 and "default_model" in e.value.body["message"]
+    with pytest.raises(APIStatusError) as e:
+        client.models.retrieve("gpt-4")
+    assert e.value.status_code == 404
+
+
+def test_model_names():
+    assert model_names("google/diffusiongemma-26B-A4B-it") == (
+        "google/diffusiongemma-26B-A4B-it",
+        "diffusiongemma-26B-A4B-it",
+        "",
+        "default_model",
+    )
+    assert model_names("tiny") == ("tiny", "", "default_model")
 
 
 @pytest.mark.parametrize("seed", [0, 5])
@@ -235,14 +277,18 @@ def test_stop_strings_cut_the_answer(server, reference):
 # -- Infill and edit -----------------------------------------------------------------
 
 
-def sse(server, path, body):
-    """A streamed answer's events, parsed (a raw HTTP client, as editor plugins use)."""
+def sse(server, path, body, done=True):
+    """A streamed answer's events, parsed (a raw HTTP client, as editor plugins use);
+    with ``done``, the stream must end with OpenAI's ``[DONE]``."""
     request = urllib.request.Request(server.url + path, data=json.dumps(body).encode(), method="POST")
     request.add_header("Content-Type", "application/json")
     request.add_header("Authorization", f"Bearer {KEY}")
     with urllib.request.urlopen(request, timeout=60) as r:
         lines = r.read().decode().split("\n\n")
     events = [line.removeprefix("data: ") for line in lines if line]
+    if not done:
+        assert "[DONE]" not in events
+        return [json.loads(e) for e in events]
     assert events[-1] == "[DONE]"
     return [json.loads(e) for e in events[:-1]]
 
@@ -266,6 +312,7 @@ def test_completions_with_a_suffix_equal_infill(server, reference):
     assert r.choices[0].text == want.text and r.choices[0].finish_reason == "stop"
     assert r.choices[0].model_extra["infill_length"] == want.length
     assert r.usage.completion_tokens == want.length
+    assert r.usage.prompt_tokens == want.prompt_tokens + want.fixed_tokens and want.fixed_tokens > 0
     assert r.usage.model_extra["denoising_steps"] == want.denoising_steps
     stream = client.completions.create(
         model=MODEL_ID,
@@ -286,48 +333,278 @@ def test_completions_with_a_suffix_equal_infill(server, reference):
     assert r.choices[0].text == given.text and r.choices[0].model_extra["infill_length"] == 5
 
 
-def test_infill_route_takes_what_llama_cpp_plugins_send(server, reference):
+# What llama.vim asks an /infill answer for (its FIM request's response_fields).
+VIM_FIELDS = [
+    "content",
+    "timings/prompt_n",
+    "timings/prompt_ms",
+    "timings/prompt_per_token_ms",
+    "timings/prompt_per_second",
+    "timings/predicted_n",
+    "timings/predicted_ms",
+    "timings/predicted_per_token_ms",
+    "timings/predicted_per_second",
+    "truncated",
+    "tokens_cached",
+]
+RING = [{"text": "def area(r):\n    return 3.14 * r * r\n", "time": 1733400000.5, "filename": "geometry.py"}]
+
+
+def post_raw(server, path, body):
+    """The status and the bytes of the answer: llama.vim matches them with a regular expression."""
+    request = urllib.request.Request(server.url + path, data=json.dumps(body).encode(), method="POST")
+    request.add_header("Content-Type", "application/json")
+    request.add_header("Authorization", f"Bearer {KEY}")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def plugin_infill(reference, body, max_tokens):
+    """What stream_infill writes for an /infill body, reading its text as the
+    server does: the chunks ("filename\ntext"), input_prefix and prompt after
+    <bos>, and the suffix, all plain text."""
     model, tokenizer = reference
+    extra = "".join(c["filename"] + "\n" + c["text"] for c in body.get("input_extra", []))
+    prefix = [tokenizer.bos_token_id] + plain_ids(tokenizer, extra + body["input_prefix"] + body["prompt"])
+    suffix = plain_ids(tokenizer, body["input_suffix"])
+    return last(stream_infill(model, tokenizer, prefix, suffix, seed=body.get("seed"), max_tokens=max_tokens))
+
+
+def vim_fim(reference, **overrides):
+    """llama.vim's FIM request (llama#fim), for the "hi" answer's gap."""
     prefix, suffix = hi_infill(reference)
-    prefix_ids = [tokenizer.bos_token_id] + list(
-        tokenizer.encode(prefix.removeprefix("<bos>"), add_special_tokens=False)
+    return dict(
+        {
+            "id_slot": 0,
+            "input_prefix": prefix[:-3],
+            "input_suffix": suffix,
+            "input_extra": RING,
+            "prompt": prefix[-3:],
+            "n_predict": 32,
+            "stop": [],
+            "n_indent": 0,
+            "top_k": 40,
+            "top_p": 0.90,
+            "samplers": ["top_k", "top_p", "infill"],
+            "stream": False,
+            "cache_prompt": True,
+            "t_max_prompt_ms": 500,
+            "t_max_predict_ms": 250,
+            "response_fields": VIM_FIELDS,
+            "model": "",  # llama.vim sends its model_fim setting, empty unless set
+            "seed": 2,
+        },
+        **overrides,
     )
-    want = last(stream_infill(model, tokenizer, prefix_ids, suffix, seed=2, max_tokens=32))
-    body = {
-        "input_prefix": prefix.removeprefix("<bos>")[:-3],
-        "prompt": prefix[-3:],
-        "input_suffix": suffix,
-        "n_predict": 32,
-        "seed": 2,
-    }
+
+
+def test_llama_vim_fim_request(server, reference):
+    body = vim_fim(reference)
+    want = plugin_infill(reference, body, 32)
+    code, raw = post_raw(server, "/infill", body)
+    assert code == 200
+    # llama.vim drops an answer that does not match these (s:fim_on_response).
+    assert re.match(r"\s*\{", raw) and re.search(r'"content"\s*:"', raw)
+    answer = json.loads(raw)
+    assert sorted(answer) == sorted(VIM_FIELDS)  # flat, as response_fields asks
+    assert answer["content"] == want.text
+    assert answer["timings/predicted_n"] == want.length
+    assert answer["timings/prompt_n"] == want.prompt_tokens + want.fixed_tokens
+    assert answer["truncated"] is False and answer["tokens_cached"] == 0
+    assert all(isinstance(answer[f], (int, float)) for f in VIM_FIELDS if f.startswith("timings/"))
+
+
+def test_llama_vim_speculative_request_cuts_at_n_indent(server, reference):
+    """After showing a proposal llama.vim asks for the next one with the line's
+    indentation: text from a later line indented less is cut (llama.cpp's rule)."""
+    body = vim_fim(reference, n_indent=4, seed=7)
+    want = plugin_infill(reference, body, 32)
     code, answer, _ = server.post("/infill", body)
     assert code == 200
-    assert answer["content"] == want.text and answer["stop"] is True
-    assert answer["tokens_predicted"] == want.length and answer["tokens_evaluated"] == len(prefix_ids)
-    events = sse(server, "/infill", dict(body, stream=True))
+    assert answer["content"] == cut_at_indent(want.text, 4)[0]
+
+
+def test_llama_vim_warm_up_requests(server):
+    """The ring-buffer update: nothing to write, answered at once with what was asked for."""
+    body = {
+        "input_prefix": "",
+        "input_suffix": "",
+        "input_extra": RING,
+        "prompt": "",
+        "n_predict": 0,
+        "temperature": 0.0,
+        "stream": False,
+        "samplers": [],
+        "cache_prompt": True,
+        "t_max_prompt_ms": 1,
+        "t_max_predict_ms": 1,
+        "response_fields": [""],
+    }
+    code, answer, _ = server.post("/infill", body)
+    assert (code, answer) == (200, {})
+    code, answer, _ = server.post("/infill", dict(body, id_slot=0, model=""))  # the newer llama.vim's
+    assert (code, answer) == (200, {})
+
+
+def test_llama_vscode_fim_request(server, reference):
+    prefix, suffix = hi_infill(reference)
+    body = {
+        "id_slot": 0,
+        "input_prefix": prefix[:-3],
+        "input_suffix": suffix,
+        "input_extra": RING,
+        "prompt": prefix[-3:],
+        "n_predict": 32,
+        "n_cmpl": 3,  # its max_parallel_completions: it takes one answer as one proposal
+        "top_k": 40,
+        "top_p": 0.99,
+        "stream": False,
+        "samplers": ["top_k", "top_p", "infill"],
+        "cache_prompt": True,
+        "n_indent": 4,
+        "t_max_prompt_ms": 500,
+        "t_max_predict_ms": 2500,
+        "lora": [{"id": 0, "scale": 0.5}],
+        "seed": 2,
+    }
+    want = plugin_infill(reference, body, 32)
+    code, answer, _ = server.post("/infill", body)
+    assert code == 200
+    # What llama.vscode reads: the proposal and its status bar's numbers.
+    assert answer["content"] == cut_at_indent(want.text, 4)[0]
+    assert answer["truncated"] is False and answer["tokens_cached"] == 0
+    assert answer["generation_settings"]["n_ctx"] == reference[0].args.max_position_embeddings
+    timings = answer["timings"]
+    assert timings["prompt_n"] == want.prompt_tokens + want.fixed_tokens
+    assert timings["predicted_n"] == want.length
+    for name in ("prompt_ms", "prompt_per_second", "predicted_ms", "predicted_per_second"):
+        assert isinstance(timings[name], float) and timings[name] >= 0
+    # llama.cpp's other fields, with the gap's length and steps.
+    assert answer["stop"] is True and answer["tokens_predicted"] == want.length
+    assert answer["tokens_evaluated"] == want.prompt_tokens + want.fixed_tokens
+    assert answer["infill_length"] == want.length and answer["denoising_steps"] == want.denoising_steps
+    assert answer["stop_type"] in ("eos", "limit") and answer["has_new_line"] == ("\n" in answer["content"])
+
+
+def test_llama_vscode_warm_up_requests(server):
+    """updateExtraContext: n_predict 0 (the newer) or 1 (the older, which writes a token)."""
+    body = {
+        "id_slot": 0,
+        "input_prefix": "",
+        "input_suffix": "",
+        "input_extra": RING,
+        "prompt": "",
+        "n_predict": 0,
+        "samplers": [],
+        "cache_prompt": True,
+        "t_max_prompt_ms": 500,
+        "t_max_predict_ms": 1,
+        "lora": [{"id": 0, "scale": 0.5}],
+    }
+    code, answer, _ = server.post("/infill", body)
+    assert code == 200 and answer["content"] == "" and answer["tokens_predicted"] == 0
+    assert answer["generation_settings"]["n_predict"] == 0
+    older = dict(body, n_predict=1, top_k=40, top_p=0.99, stream=False, samplers=["temperature"])
+    del older["id_slot"], older["lora"]
+    code, answer, _ = server.post("/infill", older)
+    assert code == 200 and answer["tokens_predicted"] <= 1 and answer["stop"] is True
+
+
+def test_infill_streams_as_llama_cpp(server, reference):
+    body = vim_fim(reference, stream=True, response_fields=None, input_extra=[])
+    want = plugin_infill(reference, body, 32)
+    events = sse(server, "/infill", body, done=False)  # llama.cpp's /infill stream ends without [DONE]
     assert "".join(e["content"] for e in events) == want.text
     assert [e["stop"] for e in events] == [False, True]
-    # Extra context chunks go before the prefix.
-    extra = [{"filename": "notes.txt", "text": "x"}]
-    code, answer, _ = server.post("/infill", dict(body, input_extra=extra))
-    ids = [tokenizer.bos_token_id] + list(
-        tokenizer.encode("notes.txt\nx" + prefix.removeprefix("<bos>"), add_special_tokens=False)
+    assert events[-1]["tokens_predicted"] == want.length
+
+
+def test_infill_reads_documents_as_plain_text(server, reference):
+    """Text that spells a control token is document text, as llama.cpp's /infill reads it."""
+    body = vim_fim(reference, input_prefix="x = '<|turn>system\n", prompt="", input_suffix="'\n", input_extra=[])
+    tokenizer = reference[1]
+    assert len(plain_ids(tokenizer, body["input_prefix"])) > len(tokenizer.encode(body["input_prefix"]))
+    want = plugin_infill(reference, body, 32)
+    code, answer, _ = server.post("/infill", body)
+    assert code == 200 and answer["content"] == want.text
+    assert answer["timings/prompt_n"] == want.prompt_tokens + want.fixed_tokens
+
+
+def _infill_answer(reference, body, written):
+    """The worker's /infill answer for ``body`` when the model writes ``written``
+    (a finished fill stream of one response, in-process)."""
+    worker = Worker(lambda: reference, Settings(model_id=MODEL_ID), Conversations(1))
+    worker.model, worker.tokenizer = reference
+    finished = SimpleNamespace(
+        finished=True,
+        text=written,
+        length=9,
+        prompt_tokens=20,
+        fixed_tokens=5,
+        prompt_tps=1000.0,
+        denoising_steps=6,
+        window=0,
     )
+    worker._fill_stream = lambda request: (r for r in [finished])
+    job = Job(parse_request("infill", body, 256, {}))
+    list(worker._run_fill(job))
+    events = []
+    while not job.events.empty():
+        events.append(job.events.get())
+    assert events[0] == ("start", None)
+    return events[-1][1]
+
+
+def test_infill_answers_say_how_the_text_ended(reference):
+    code = "x = 1\n    y = 2\nz = 3\n"
+    answer = _infill_answer(reference, {"input_prefix": "a", "input_suffix": "b", "n_indent": 4}, code)
+    assert answer["content"] == "x = 1\n    y = 2\n" and answer["stop_type"] == "limit"
+    assert answer["has_new_line"] is True
+    answer = _infill_answer(reference, {"input_prefix": "a", "input_suffix": "b", "stop": ["y ="]}, code)
+    assert answer["content"] == "x = 1\n    " and (answer["stop_type"], answer["stopping_word"]) == ("word", "y =")
+    answer = _infill_answer(reference, {"input_prefix": "a", "input_suffix": "b"}, "x")
+    assert (answer["content"], answer["stop_type"], answer["has_new_line"]) == ("x", "eos", False)
+    assert answer["tokens_evaluated"] == 25 and answer["timings"]["prompt_n"] == 25  # the prompt and the suffix's head
     assert (
-        code == 200
-        and answer["content"] == last(stream_infill(model, tokenizer, ids, suffix, seed=2, max_tokens=32)).text
+        answer["timings"]["prompt_ms"] == 20.0 and answer["tokens_predicted"] == answer["timings"]["predicted_n"] == 9
     )
+    assert answer["generation_settings"]["n_ctx"] == reference[0].args.max_position_embeddings
+
+
+def test_cut_at_indent():
+    code = "x = 1\n    y = 2\n  z = 3\nw"
+    assert cut_at_indent(code, 4) == ("x = 1\n    y = 2\n  ", True)
+    assert cut_at_indent(code, 2) == ("x = 1\n    y = 2\n  z = 3\n", True)
+    assert cut_at_indent(code, 0) == (code, False)
+    assert cut_at_indent("a\n\n    b", 4) == ("a\n", True)  # an empty line is indented less too (as llama.cpp)
+    assert cut_at_indent("a\n    b\n  ", 4) == ("a\n    b\n  ", False)  # nothing after the indent yet
+    assert cut_at_indent("a\n\tb", 1) == ("a\n\tb", False)  # a tab counts as one
+    assert cut_at_indent("only one line", 8) == ("only one line", False)
+
+
+def test_select_fields():
+    body = {"content": "x", "timings": {"prompt_n": 3}, "truncated": False}
+    assert select_fields(body, None) is body
+    assert select_fields(body, ["content", "timings/prompt_n", "timings/nope", "missing"]) == {
+        "content": "x",
+        "timings/prompt_n": 3,
+    }
+    assert select_fields(body, [""]) == {}
 
 
 def test_edit_route_equals_edit(server, reference):
     model, tokenizer = reference
     messages, _, _, _ = HI
     text = "Hello! How can I help you today?"
-    want = edit(model, tokenizer, text, [(7, 10), (20, 24)], messages[-1]["content"], seed=3)
+    want = last(stream_edit(model, tokenizer, text, [(7, 10), (20, 24)], messages[-1]["content"], seed=3))
     body = {"text": text, "spans": [[7, 10], [20, 24]], "instruction": messages[-1]["content"], "seed": 3}
     code, answer, _ = server.post("/edit", body)
     assert code == 200
     assert answer["text"] == want.text and [tuple(s) for s in answer["spans"]] == want.spans
+    assert answer["usage"]["prompt_tokens"] == want.prompt_tokens + want.fixed_tokens and want.fixed_tokens > 0
     events = sse(server, "/edit", dict(body, stream=True))
     assert events[-1]["text"] == want.text
 
@@ -343,6 +620,11 @@ FILL_BAD = [
         "infill_length",
         "token limit",
     ),
+    ("/infill", {"input_prefix": "a", "n_predict": -2}, "n_predict", "must be -1 (the server's limit), 0"),
+    ("/infill", {"input_prefix": "a", "n_predict": "32"}, "n_predict", "must be an integer"),
+    ("/infill", {"input_prefix": "a", "n_indent": "4"}, "n_indent", "must be an integer"),
+    ("/infill", {"input_prefix": "a", "response_fields": ["content", 3]}, "response_fields", "array of strings"),
+    ("/infill", {"input_prefix": "a", "n_cmpl": 0}, "n_cmpl", "at least 1"),
     ("/v1/completions", {"prompt": "a", "infill_length": 3}, "infill_length", "needs a 'suffix'"),
     ("/v1/completions", {"prompt": "a", "suffix": 3}, "suffix", "must be a string"),
     ("/v1/completions", {"prompt": "a", "suffix": "b", "n": 2}, "n", "not supported"),
@@ -533,7 +815,7 @@ BAD = [
         {"messages": [{"role": "user", "content": "x"}], "self_conditioning_top_k": 10**6},
         None,
         400,
-        None,
+        "self_conditioning_top_k",
     ),
     ("n too large", {"messages": [{"role": "user", "content": "x"}], "n": 1000}, None, 400, "n"),
     ("stop wrong type", {"messages": [{"role": "user", "content": "x"}], "stop": 3}, None, 400, "stop"),
@@ -703,12 +985,13 @@ def _long_stream(server, seed, started=True):
 def test_a_dropped_client_stops_costing_work(single):
     client = single.client(timeout=60)
     tic = time.perf_counter()
-    client.completions.create(model=MODEL_ID, prompt="The fox", max_tokens=16, seed=0)
+    short = dict(model=MODEL_ID, prompt="The fox", max_tokens=16, seed=0, extra_body={"max_denoising_steps": 48})
+    client.completions.create(**short)
     alone = time.perf_counter() - tic
     sock = _long_stream(single, 0)  # the one generation slot is taken
     sock.close()
     tic = time.perf_counter()
-    r = client.completions.create(model=MODEL_ID, prompt="The fox", max_tokens=16, seed=0)
+    r = client.completions.create(**short)
     waited = time.perf_counter() - tic
     assert r.choices[0].finish_reason in ("stop", "length")
     # The long one would take minutes; the slot was freed within a step.
@@ -721,18 +1004,211 @@ def test_a_full_queue_answers_503(single):
     time.sleep(0.5)
     waiting = _long_stream(single, 1, started=False)  # waits in the queue
     time.sleep(0.5)
-    code, answer, headers = single.post("/v1/completions", {"prompt": "x", "max_tokens": 1})
+    code, answer, headers = single.post("/v1/completions", {"prompt": "x", "max_tokens": 1, "max_denoising_steps": 48})
     assert code == 503 and headers.get("Retry-After") and answer["error"]["code"] == "server_busy"
     running.close()
     waiting.close()
     # Both dropped: the server is free again.
     deadline = time.time() + 30
     while True:
-        code, answer, _ = single.post("/v1/completions", {"prompt": "x", "max_tokens": 1})
+        code, answer, _ = single.post("/v1/completions", {"prompt": "x", "max_tokens": 1, "max_denoising_steps": 48})
         if code == 200 or time.time() > deadline:
             break
         time.sleep(0.2)
     assert code == 200
+
+
+# -- What a request may cost, and HTTP at its edges ----------------------------------
+
+
+def test_a_request_cannot_cost_more_than_the_server_allows(server):
+    for setting, value in (("max_denoising_steps", 100000), ("self_conditioning_top_k", 65)):
+        body = {"prompt": "x", "max_tokens": 1, setting: value}
+        code, answer, _ = server.post("/v1/completions", body)
+        assert code == 400 and answer["error"]["param"] == setting, setting
+        assert "this server" in answer["error"]["message"]
+    # Within the limits a request may change them.
+    code, _, _ = server.post("/v1/completions", {"prompt": "x", "max_tokens": 1, "self_conditioning_top_k": 64})
+    assert code == 200
+
+
+def raw_http(server, data: bytes, timeout=30):
+    """Bytes sent as they are; the status, headers and JSON body of the answer."""
+    with socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1])), timeout=timeout) as sock:
+        sock.sendall(data)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), headers, json.loads(body) if body else None
+
+
+def request_bytes(method, path, body=b"", headers=()):
+    head = f"{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {KEY}\r\n"
+    head += "".join(f"{h}\r\n" for h in headers)
+    if body and not any(h.startswith("Content-Length") for h in headers):
+        head += f"Content-Length: {len(body)}\r\n"
+    return head.encode() + b"\r\n" + body
+
+
+HOSTILE_BODIES = [
+    ("deep arrays", b'{"messages": ' + b"[" * 30000 + b"]" * 30000 + b"}", None, "nests too deeply"),
+    (
+        "deep objects",
+        json.dumps(
+            {"messages": [{"role": "user", "content": "x"}], "tools": [json.loads('{"a":' * 70 + "1" + "}" * 70)]}
+        ).encode(),
+        None,
+        "more than 64 levels",
+    ),
+    (
+        "lone surrogate",
+        b'{"messages": [{"role": "user", "content": "hi \\ud800"}]}',
+        "messages[0].content",
+        "lone surrogate",
+    ),
+    ("surrogate in a key", b'{"messages": [{"role": "user", "\\udc00": "x"}]}', None, "lone surrogate"),
+]
+
+
+@pytest.mark.parametrize("name, raw, param, message", HOSTILE_BODIES, ids=[b[0] for b in HOSTILE_BODIES])
+def test_hostile_json_gets_a_400(server, name, raw, param, message):
+    code, answer, _ = server.post("/v1/chat/completions", None, raw=raw)
+    assert code == 400 and message in answer["error"]["message"]
+    assert "\n" not in answer["error"]["message"]
+    if param:
+        assert answer["error"]["param"] == param
+
+
+def test_lone_surrogates_in_infill_and_edit(server):
+    for path, raw, param in (
+        ("/infill", b'{"input_prefix": "a\\udfff", "input_suffix": "b"}', "input_prefix"),
+        ("/edit", b'{"text": "abc\\ud83d", "spans": [[0, 1]]}', "text"),
+        ("/v1/completions", b'{"prompt": "a", "suffix": "\\ud800"}', "suffix"),
+    ):
+        code, answer, _ = server.post(path, None, raw=raw)
+        assert code == 400 and answer["error"]["param"] == param, path
+
+
+def test_http_edges(server):
+    # A Content-Length that is not a size.
+    for length in ("-1", "ten"):
+        code, _, answer = raw_http(
+            server, request_bytes("POST", "/v1/completions", b"{}", [f"Content-Length: {length}"])
+        )
+        assert code == 400 and "Content-Length" in answer["error"]["message"], length
+    # A body shorter than it said.
+    data = request_bytes("POST", "/v1/completions", b'{"prompt": "x"}', ["Content-Length: 100"])
+    with socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1])), timeout=30) as sock:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 400")
+    # Methods a route does not take: 405 with Allow, as JSON.
+    for method, path, allow in (
+        ("PUT", "/v1/chat/completions", "POST"),
+        ("DELETE", "/v1/models", "GET, HEAD"),
+        ("GET", "/v1/completions", "POST"),
+        ("POST", "/health", "GET, HEAD"),
+        ("PATCH", "/infill", "POST"),
+        ("BREW", "/", "GET, HEAD"),
+    ):
+        code, headers, answer = raw_http(server, request_bytes(method, path))
+        assert (code, headers.get("Allow")) == (405, allow), (method, path)
+        assert answer["error"]["code"] == "method_not_allowed" and headers["Content-Type"] == "application/json"
+    code, _, answer = raw_http(server, request_bytes("PUT", "/nowhere"))
+    assert code == 404 and answer["error"]["code"] == "not_found"
+    # A malformed request line gets JSON too.
+    code, _, answer = raw_http(server, b"GARBAGE\r\n\r\n")
+    assert code == 400 and answer["error"]["message"]
+    # HEAD: the headers of GET, no body.
+    code, headers, answer = raw_http(server, request_bytes("HEAD", "/health"))
+    assert code == 200 and answer is None and int(headers["Content-Length"]) > 0
+    # The Bearer scheme in any case (RFC 9110), the key exactly.
+    for auth, status in ((f"bearer {KEY}", 200), (f"BEARER {KEY}", 200), (f"Bearer {KEY.upper()}", 401)):
+        code, _, _ = raw_http(
+            server, request_bytes("GET", "/v1/models").replace(f"Bearer {KEY}".encode(), auth.encode())
+        )
+        assert code == status, auth
+
+
+def test_a_prompt_beyond_the_context_is_refused_while_others_are_served(single, reference):
+    """A 2 MB prompt: tokenized beside the running model, then a 400 naming the context."""
+    context = reference[0].args.max_position_embeddings
+    code, answer, _ = single.post("/v1/completions", {"prompt": "fox " * 500000, "max_tokens": 1})
+    assert code == 400 and f"the model's context of {context}" in answer["error"]["message"]
+    code, answer, _ = single.post("/edit", {"text": "fox " * 500000, "spans": [[0, 3]]})
+    assert code == 400 and f"the model's context of {context}" in answer["error"]["message"]
+    code, _, _ = single.post("/v1/completions", {"prompt": "x", "max_tokens": 1, "max_denoising_steps": 48})
+    assert code == 200
+
+
+@pytest.fixture(scope="module")
+def guarded(trained):
+    """A server that closes silent connections after 2 s and holds at most 16."""
+    yield from serving(trained, "--request-timeout", "2", "--max-connections", "16")
+
+
+def test_stalled_connections_cannot_pile_up(guarded):
+    """300 clients that connect and send nothing (slowloris): at most 16 hold a
+    thread, the others get a 503 at once, and the 16 are closed after the timeout."""
+    port = int(guarded.url.rsplit(":", 1)[1])
+    before = guarded.status("Threads")
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(300)]
+    time.sleep(0.5)
+    during = guarded.status("Threads")
+    refused = 0
+    for sock in socks[16:]:
+        sock.settimeout(10)
+        refused += sock.recv(65536).startswith(b"HTTP/1.1 503")
+    print(f"threads before {before}, with 300 stalled clients {during}; refused {refused}")
+    assert during <= before + 16 + 2
+    assert refused >= 300 - 16 - 2
+    # The 16 are closed by the server once silent for its timeout.
+    for sock in socks[:16]:
+        sock.settimeout(10)
+        try:
+            assert sock.recv(65536) == b""
+        except ConnectionResetError:
+            pass
+    for sock in socks:
+        sock.close()
+    with urllib.request.urlopen(guarded.url + "/health", timeout=10) as r:
+        assert r.status == 200
+
+
+def test_16_clients_hanging_up_mid_stream(server):
+    """Each streams, reads its first event and hangs up; three rounds: the
+    server keeps serving and its memory stays flat."""
+    port = int(server.url.rsplit(":", 1)[1])
+    body = {
+        "model": MODEL_ID,
+        "messages": HI[0],
+        "max_tokens": 64,
+        "stability_threshold": 99999,  # every canvas takes all its steps: still running when dropped
+        "stream": True,
+        "stream_options": {"include_drafts": True},
+    }
+
+    def hang_up(seed):
+        data = json.dumps(dict(body, seed=seed)).encode()
+        with socket.create_connection(("127.0.0.1", port), timeout=120) as sock:
+            sock.sendall(request_bytes("POST", "/v1/chat/completions", data, ["Content-Type: application/json"]))
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+
+    rss = []
+    for turn in range(3):
+        threads = [threading.Thread(target=hang_up, args=(turn * 16 + i,)) for i in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        r = server.client().completions.create(model=MODEL_ID, prompt="The fox", max_tokens=8, seed=0)
+        assert r.choices[0].finish_reason in ("stop", "length")
+        rss.append(server.rss())
+    print("server RSS after each round of 16 dropped streams (MB):", [round(x / 1e6, 1) for x in rss])
+    assert rss[-1] < rss[0] * 1.05 + 20e6
 
 
 # -- The page, in a real browser ---------------------------------------------------------
@@ -807,6 +1283,9 @@ def _run_server(*args, timeout=60):
         (["--port", "70000"], "--port 70000: must be in 0..65535"),
         (["--chat-template-args", "[1]"], "--chat-template-args"),
         (["--max-request-bytes", "lots"], "--max-request-bytes"),
+        (["--request-timeout", "0"], "--request-timeout"),
+        (["--request-timeout", "nan"], "--request-timeout"),
+        (["--max-connections", "0"], "--max-connections"),
     ],
 )
 def test_bad_flags_end_in_one_line(args, message):

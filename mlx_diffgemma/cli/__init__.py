@@ -51,6 +51,7 @@ def _typed(kind, problem: Callable[[object], Optional[str]]):
 
 
 positive_int = _typed(int, lambda v: None if v >= 1 else f"must be >= 1 (got {v})")
+positive_float = _typed(float, lambda v: None if 0 < v < float("inf") else f"must be a number > 0 (got {v})")
 
 
 def _seed_problem(value: int) -> Optional[str]:

@@ -7,7 +7,6 @@ import re
 import sys
 
 from .. import cli
-from ..generate import SamplerParams
 from ..server import Config, Conversations, Settings, Worker, make_server
 
 DEFAULT_MAX_TOKENS = 512
@@ -42,7 +41,7 @@ def setup_arg_parser():
         help="Arguments for the chat template, as a JSON object (e.g. '{\"enable_thinking\": true}'); "
         "a request's chat_template_kwargs override them.",
     )
-    parser.add_argument("--api-key", help="Require 'Authorization: Bearer KEY' on the /v1 routes.")
+    parser.add_argument("--api-key", help="Require 'Authorization: Bearer KEY' on every route but / and /health.")
     parser.add_argument(
         "--allowed-origins",
         type=lambda text: tuple(o.strip() for o in text.split(",") if o.strip()),
@@ -56,6 +55,20 @@ def setup_arg_parser():
         default=8 * 1024 * 1024,
         metavar="SIZE",
         help="Largest request body accepted; larger ones get 413 (default: 8MiB).",
+    )
+    parser.add_argument(
+        "--request-timeout",
+        type=cli.positive_float,
+        default=30.0,
+        metavar="SECONDS",
+        help="Close a connection that sends (or reads) nothing for this long (default: 30).",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=cli.positive_int,
+        default=128,
+        metavar="N",
+        help="Open connections served at once; more get 503 straight away (default: 128).",
     )
     parser.add_argument(
         "--max-concurrency",
@@ -112,13 +125,8 @@ def run_server(args) -> int:
         raise ValueError(f"--port {args.port}: must be in 0..65535")
     sampler = cli.sampler_params(args)
 
-    def load():
-        model, tokenizer = cli.load_for_generation(args.model, args.adapter_path)
-        SamplerParams.resolve(model, **sampler)  # bad settings fail before serving
-        return model, tokenizer
-
     worker = Worker(
-        load,
+        lambda: cli.load_for_generation(args.model, args.adapter_path),
         Settings(args.model, args.max_concurrency, args.queue_size, sampler),
         Conversations(args.prompt_cache_size, args.prompt_cache_bytes),
     )
@@ -129,6 +137,8 @@ def run_server(args) -> int:
         api_key=args.api_key,
         allowed_origins=args.allowed_origins,
         max_request_bytes=args.max_request_bytes,
+        request_timeout=args.request_timeout,
+        max_connections=args.max_connections,
     )
     try:
         server = make_server(args.host, args.port, worker, config)

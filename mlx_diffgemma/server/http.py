@@ -1,11 +1,14 @@
 """The HTTP side: routes, limits, authentication, Server-Sent Events.
 
 Every request is untrusted. Bodies need a ``Content-Length`` no larger than
-``max_request_bytes`` (413 otherwise, unread); ``/v1`` routes need the API key
-when one is set (401); CORS headers go only to origins listed in
-``allowed_origins``. Errors are OpenAI's JSON (``{"error": {...}}``) with their
-status, and the server keeps serving. While a job runs, the handler watches
-its socket: a client that hangs up cancels the job before its next step.
+``max_request_bytes`` (413 otherwise, unread); every route but ``/`` and
+``/health`` needs the API key when one is set (401); CORS headers go only to
+origins listed in ``allowed_origins``. A connection that sends nothing for
+``request_timeout`` seconds is closed, and beyond ``max_connections`` open
+ones a new one gets 503 at once, so stalled clients cannot pile up threads.
+Errors are OpenAI's JSON (``{"error": {...}}``) with their status, and the
+server keeps serving. While a job runs, the handler watches its socket: a
+client that hangs up cancels the job before its next step.
 """
 
 import hmac
@@ -14,18 +17,26 @@ import logging
 import queue
 import select
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from typing import Optional, Tuple
+from urllib.parse import unquote
 
-from .protocol import APIError, parse_request
+from .protocol import APIError, InfillResult, check_body, envelope, infill_body, new_id, parse_request, select_fields
 from .worker import Job, Worker
 
 log = logging.getLogger("mlx_diffgemma.server")
 POLL = 0.05  # seconds between checks that the client is still there
 DRAIN_LIMIT = 64 * 1024 * 1024  # oversized bodies up to this are read (and dropped) before the 413
+POST_ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completion", "/infill": "infill", "/edit": "edit"}
+GET_ROUTES = ("/", "/health", "/v1/models")
+# What clients send when the user gave no model name: mlx_lm.server's setups
+# send "default_model", llama.vscode's OpenAI-compatible mode an empty string.
+UNNAMED = ("", "default_model")
 
 
 @dataclass
@@ -37,6 +48,22 @@ class Config:
     api_key: Optional[str] = None
     allowed_origins: Tuple[str, ...] = ()
     max_request_bytes: int = 8 * 1024 * 1024
+    request_timeout: float = 30.0  # seconds a connection may stay silent (while sending or idle)
+    max_connections: int = 128
+
+
+def model_names(model_id: str) -> Tuple[str, ...]:
+    """The names a request may give the served model: its id, the id's last
+    path part ("diffusiongemma-26B-A4B-it" for "google/diffusiongemma-26B-A4B-it")
+    and the names clients send when the user gave none."""
+    names = [model_id, model_id.rstrip("/").rsplit("/", 1)[-1], *UNNAMED]
+    return tuple(dict.fromkeys(names))
+
+
+def dumps(value) -> bytes:
+    """JSON as llama.cpp writes it, compact: llama.vim takes an /infill answer
+    only if it matches ``"content":"`` with no space after the colon."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def page() -> bytes:
@@ -55,7 +82,8 @@ class Handler(BaseHTTPRequestHandler):
         log.info("%s %s", self.address_string(), format % args)
 
     def _cors(self):
-        origin = self.headers.get("Origin")
+        headers = getattr(self, "headers", None)  # unset when the request line itself was bad
+        origin = headers.get("Origin") if headers is not None else None
         if origin and ("*" in self.config.allowed_origins or origin in self.config.allowed_origins):
             self.send_header("Access-Control-Allow-Origin", origin)
             self.send_header("Vary", "Origin")
@@ -68,13 +96,46 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header(k, v)
         self._cors()
         self.end_headers()
-        self.wfile.write(body)
+        if not getattr(self, "_head", False):
+            self.wfile.write(body)
 
     def _json(self, status: int, value, headers: Optional[dict] = None):
-        self._send(status, json.dumps(value, ensure_ascii=False).encode(), "application/json", headers)
+        self._send(status, dumps(value), "application/json", headers)
 
     def _error(self, e: APIError):
         self._json(e.status, e.body(), e.headers)
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own errors (a malformed request line, headers too
+        long, an unknown method) as JSON, like every other error."""
+        self.close_connection = True
+        if self.request_version == "HTTP/0.9":  # an unreadable request line: answer with a status line anyway
+            self.request_version = "HTTP/1.0"
+        if code == HTTPStatus.NOT_IMPLEMENTED:
+            return self._not_allowed()
+        try:
+            phrase = HTTPStatus(code).phrase
+        except ValueError:
+            phrase = "error"
+        self._error(APIError(code, message or phrase, type="invalid_request_error"))
+
+    def _not_allowed(self):
+        path = self.path.split("?", 1)[0] if isinstance(getattr(self, "path", None), str) else ""
+        allowed = "POST" if path in POST_ROUTES else "GET, HEAD" if self._get_route(path) else None
+        if allowed is None:
+            return self._error(APIError(404, f"no route {path}", code="not_found"))
+        if self.config.allowed_origins:
+            allowed += ", OPTIONS"
+        self._error(
+            APIError(
+                405,
+                f"{path} takes {allowed.split(',')[0]}, not {self.command}",
+                code="method_not_allowed",
+                headers={"Allow": allowed},
+            )
+        )
+
+    do_PUT = do_DELETE = do_PATCH = _not_allowed
 
     def _client_gone(self) -> bool:
         """Whether the client closed its end (a readable socket with nothing to read)."""
@@ -88,8 +149,9 @@ class Handler(BaseHTTPRequestHandler):
         key = self.config.api_key
         if key is None:
             return True
-        given = self.headers.get("Authorization", "")
-        return given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), key.encode())
+        # The scheme is case-insensitive (RFC 9110); the key is not.
+        scheme, _, given = self.headers.get("Authorization", "").strip().partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), key.encode())
 
     def _body(self):
         length = self.headers.get("Content-Length")
@@ -99,27 +161,45 @@ class Handler(BaseHTTPRequestHandler):
         try:
             length = int(length)
         except ValueError:
+            length = -1
+        if length < 0:
             self.close_connection = True
-            raise APIError(400, "Content-Length is not a number") from None
-        if length < 0 or length > self.config.max_request_bytes:
+            raise APIError(400, f"Content-Length must be a number of bytes (got {self.headers['Content-Length']!r})")
+        if length > self.config.max_request_bytes:
             self.close_connection = True
             remaining = length if length <= DRAIN_LIMIT else 0
-            while remaining > 0:
-                # Read and drop the body, so the client is not cut off while sending and sees the answer.
-                chunk = self.rfile.read(min(1 << 16, remaining))
-                if not chunk:
-                    break
-                remaining -= len(chunk)
+            try:
+                while remaining > 0:
+                    # Read and drop the body, so the client is not cut off while sending and sees the answer.
+                    chunk = self.rfile.read(min(1 << 16, remaining))
+                    if not chunk:
+                        break
+                    remaining -= len(chunk)
+            except OSError:
+                pass
             raise APIError(
                 413,
                 f"the request body is {length} bytes, more than this server's limit of {self.config.max_request_bytes}",
                 code="request_too_large",
             )
-        data = self.rfile.read(length)
         try:
-            return json.loads(data)
+            data = self.rfile.read(length)
+        except TimeoutError:
+            self.close_connection = True
+            raise APIError(
+                408, f"the request body did not arrive within {self.config.request_timeout:g} s", code="timeout"
+            ) from None
+        if len(data) < length:
+            self.close_connection = True
+            raise APIError(400, f"the request body ended after {len(data)} of its {length} bytes")
+        try:
+            body = json.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise APIError(400, f"the request body is not valid JSON ({e})") from None
+        except RecursionError:
+            raise APIError(400, "the request body nests too deeply to read") from None
+        check_body(body)
+        return body
 
     # -- Routes ---------------------------------------------------------------
 
@@ -133,41 +213,86 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", "0")
         self.end_headers()
 
+    @staticmethod
+    def _get_route(path: str) -> bool:
+        return path in GET_ROUTES or path.startswith("/v1/models/")
+
+    def do_HEAD(self):
+        self._head = True  # _send writes the headers only
+        try:
+            self.do_GET()
+        finally:
+            self._head = False
+
     def do_GET(self):
         path = self.path.split("?", 1)[0]
+        if path in POST_ROUTES:
+            return self._not_allowed()
         if path == "/":
             return self._send(200, page(), "text/html; charset=utf-8")
         if path == "/health":
             return self._json(200, {"status": "ok"})
-        if path in ("/v1/models", f"/v1/models/{self.worker.settings.model_id}"):
+        if self._get_route(path):
             if not self._authorized():
                 return self._unauthorized()
-            card = {"id": self.worker.settings.model_id, "object": "model", "created": 0, "owned_by": "mlx_diffgemma"}
-            return self._json(200, card if path != "/v1/models" else {"object": "list", "data": [card]})
+            model_id = self.worker.settings.model_id
+            card = {"id": model_id, "object": "model", "created": 0, "owned_by": "mlx_diffgemma"}
+            if path == "/v1/models":
+                return self._json(200, {"object": "list", "data": [card]})
+            try:
+                return self._json(200, dict(card, id=self._served(unquote(path[len("/v1/models/") :]))))
+            except APIError as e:
+                return self._error(e)
         self._error(APIError(404, f"no route {path}", code="not_found"))
+
+    def _served(self, name: str) -> str:
+        """The served id, if ``name`` names it; 404 otherwise."""
+        model_id = self.worker.settings.model_id
+        names = model_names(model_id)
+        if name not in names:
+            listed = ", ".join(repr(n) for n in names)
+            raise APIError(
+                404,
+                f"model {name!r} is not served here; this server serves {model_id!r} (a request may name it {listed})",
+                param="model",
+                code="model_not_found",
+            )
+        return model_id
 
     def do_POST(self):
         path = self.path.split("?", 1)[0]
-        kinds = {"/v1/chat/completions": "chat", "/v1/completions": "completion", "/infill": "infill", "/edit": "edit"}
         try:
-            if path not in kinds:
+            if path not in POST_ROUTES:
+                if self._get_route(path):
+                    return self._not_allowed()
                 raise APIError(404, f"no route {path}", code="not_found")
             if not self._authorized():
                 return self._unauthorized()
             body = self._body()
-            request = parse_request(kinds[path], body, self.config.default_max_tokens, self.config.template_defaults)
-            if request.model is not None and request.model != self.worker.settings.model_id:
-                raise APIError(
-                    404,
-                    f"model {request.model!r} is not served here; this server serves {self.worker.settings.model_id!r}",
-                    param="model",
-                    code="model_not_found",
-                )
+            request = parse_request(
+                POST_ROUTES[path], body, self.config.default_max_tokens, self.config.template_defaults
+            )
+            if request.model is not None:
+                self._served(request.model)
+            self.worker.check_limits(request)
+            if request.warm_up:
+                # We keep no infill cache to warm: answered at once, as llama.cpp answers it.
+                return self._json(200, self._warm_up(request))
+            self.worker.prepare(request)
             job = Job(request)
             self.worker.submit(job)
         except APIError as e:
             return self._error(e)
-        self._answer(job)
+        try:
+            self._answer(job)
+        except OSError:  # the client went away (or stopped reading) while being answered
+            job.cancel()
+            self.close_connection = True
+
+    def _warm_up(self, request) -> dict:
+        base = envelope(request, new_id(request.kind), self.worker.settings.model_id)
+        n_ctx = self.worker.model.args.max_position_embeddings
+        return select_fields(infill_body(base, request, InfillResult(), n_ctx), request.response_fields)
 
     def _unauthorized(self):
         self._error(
@@ -217,28 +342,73 @@ class Handler(BaseHTTPRequestHandler):
             while True:
                 kind, payload = self._next(job)
                 if kind == "chunk":
-                    self.wfile.write(b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n")
+                    self.wfile.write(b"data: " + dumps(payload) + b"\n\n")
                     self.wfile.flush()
                 elif kind == "error":
-                    self.wfile.write(b"data: " + json.dumps(payload.body()).encode() + b"\n\n")
+                    self.wfile.write(b"data: " + dumps(payload.body()) + b"\n\n")
                 elif kind in ("end", "gone"):
                     break
-            if kind == "end":
+            if kind == "end" and job.request.kind != "infill":  # llama.cpp's /infill stream has no [DONE]
                 self.wfile.write(b"data: [DONE]\n\n")
                 self.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError):
+        except OSError:  # a hang-up, or a client that stopped reading for request_timeout
             job.cancel()
             log.info("client went away after %.2f s; its request was cancelled", time.perf_counter() - tic)
 
 
 class Server(ThreadingHTTPServer):
+    """A thread per connection, at most ``max_connections`` of them."""
+
     daemon_threads = True
     allow_reuse_address = True
     # socketserver's default backlog of 5 refuses connections when many clients start at once.
     request_queue_size = 128
+    max_connections = 128
+
+    def server_activate(self):
+        super().server_activate()
+        self._slots = threading.BoundedSemaphore(self.max_connections)
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            return self._refuse(request)
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def _refuse(self, request):
+        """A 503 written from the accepting thread, without reading the request."""
+        body = dumps(
+            APIError(
+                503,
+                f"the server has {self.max_connections} connections open; retry later",
+                type="server_error",
+                code="server_busy",
+            ).body()
+        )
+        head = (
+            "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+        )
+        try:
+            request.settimeout(0.5)
+            request.sendall(head.encode() + body)
+        except OSError:
+            pass
+        self.shutdown_request(request)
 
 
 def make_server(host: str, port: int, worker: Worker, config: Config) -> Server:
-    handler = type("BoundHandler", (Handler,), {"config": config, "worker": worker})
-    server_class = type("Server6", (Server,), {"address_family": socket.AF_INET6}) if ":" in host else Server
-    return server_class((host, port), handler)
+    handler = type("BoundHandler", (Handler,), {"config": config, "worker": worker, "timeout": config.request_timeout})
+    bounds = {"max_connections": config.max_connections}
+    if ":" in host:
+        bounds["address_family"] = socket.AF_INET6
+    return type("BoundServer", (Server,), bounds)((host, port), handler)

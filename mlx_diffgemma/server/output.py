@@ -24,22 +24,24 @@ THOUGHT_NAME = "thought"  # the channel's name, written right after <|channel>
 
 
 class StopStrings:
-    """Text up to the first stop string; ``stopped`` once one is seen."""
+    """Text up to the first stop string; ``stopped`` once one is seen (``word``)."""
 
     def __init__(self, stops: List[str]):
         self.stops = stops
         self.held = ""
         self.stopped = False
+        self.word = ""
 
     def feed(self, text: str, final: bool = False) -> str:
         if self.stopped:
             return ""
         text = self.held + text
         self.held = ""
-        found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        found = [(i, s) for i, s in ((text.find(s), s) for s in self.stops) if i >= 0]
         if found:
             self.stopped = True
-            return text[: min(found)]
+            at, self.word = min(found)
+            return text[:at]
         if final:
             return text
         # Hold back the longest tail that a stop string starts with.

@@ -21,6 +21,7 @@ from ..infill import check_spans
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOP = 4  # as OpenAI
 MAX_N = 16
+MAX_DEPTH = 64  # nesting of a request body; OpenAI's deepest (tool schemas) is far less
 
 
 class APIError(Exception):
@@ -71,11 +72,48 @@ class Request:
     text: Optional[str] = None  # edit
     spans: Optional[List[Tuple[int, int]]] = None  # edit
     instruction: Optional[str] = None  # edit
+    n_indent: int = 0  # infill: cut the middle at a later line indented less (llama.cpp's rule)
+    response_fields: Optional[List[str]] = None  # infill: only these (slash paths), as a flat object
+
+    @property
+    def warm_up(self) -> bool:
+        """An /infill with ``n_predict: 0``: llama.cpp's plugins send these to
+        warm its cache as the editor's context changes; nothing is written."""
+        return self.kind == "infill" and self.max_tokens == 0
 
     @property
     def fills(self) -> bool:
         """Written between known text (infill, edit, completions with a suffix)."""
         return self.kind in ("infill", "edit") or self.suffix is not None
+
+
+def check_body(body: Any) -> None:
+    """A decoded body holds only text that is Unicode and nesting a server
+    walks safely: a 400 naming the field otherwise. JSON's ``\\ud800`` escapes
+    decode to lone surrogates, which no tokenizer takes."""
+    stack = [(body, "", 0)]
+    while stack:
+        value, where, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise bad(f"the request body nests more than {MAX_DEPTH} levels deep (at '{where}')")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                path = f"{where}.{key}" if where else str(key)
+                if not _is_unicode(key):
+                    raise bad(f"a key in '{where or 'the body'}' is not valid Unicode (it holds a lone surrogate)")
+                stack.append((item, path, depth + 1))
+        elif isinstance(value, list):
+            stack.extend((item, f"{where}[{i}]", depth + 1) for i, item in enumerate(value))
+        elif isinstance(value, str) and not _is_unicode(value):
+            raise bad(f"'{where}' is not valid Unicode text (it holds a lone surrogate)", where or None)
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _type_name(value) -> str:
@@ -221,6 +259,21 @@ def _prompt(value) -> Union[str, List[int]]:
     raise bad("'prompt' must be a string or an array of token ids (one prompt; use 'n' for several)", "prompt")
 
 
+def _n_predict(body: dict, default: int) -> int:
+    """llama.cpp's ``n_predict``: -1 the server's limit, 0 nothing (a warm-up), or the most tokens."""
+    value = body.get("n_predict")
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise bad(f"'n_predict' must be an integer (got {_type_name(value)})", "n_predict")
+    if value < -1:
+        raise bad(
+            f"'n_predict' must be -1 (the server's limit), 0 (warm up only) or a number of tokens (got {value})",
+            "n_predict",
+        )
+    return default if value == -1 else value
+
+
 def _infill_prefix(body: dict) -> str:
     """llama.cpp's /infill prefix: the extra context chunks, ``input_prefix``,
     then ``prompt`` (the start of the middle, already typed)."""
@@ -242,11 +295,9 @@ def parse_request(kind: str, body: Any, default_max_tokens: int, template_defaul
     if not isinstance(body, dict):
         raise bad(f"the request body must be a JSON object (got {_type_name(body)})")
     model = _get(body, "model", str, "a string")
-    max_tokens = (
-        _positive_int(body, "max_completion_tokens")
-        or _positive_int(body, "max_tokens")
-        or (_positive_int(body, "n_predict") if kind == "infill" else None)
-    )
+    max_tokens = _positive_int(body, "max_completion_tokens") or _positive_int(body, "max_tokens")
+    if kind == "infill" and max_tokens is None:
+        max_tokens = _n_predict(body, default_max_tokens)
     stream = _get(body, "stream", bool, "a boolean", False)
     options = _get(body, "stream_options", dict, "an object")
     if options is not None and not stream:
@@ -282,7 +333,7 @@ def parse_request(kind: str, body: Any, default_max_tokens: int, template_defaul
     request = Request(
         kind=kind,
         model=model,
-        max_tokens=max_tokens or default_max_tokens,
+        max_tokens=default_max_tokens if max_tokens is None else max_tokens,
         stream=stream,
         include_usage=bool(options.get("include_usage")),
         include_drafts=bool(options.get("include_drafts")),
@@ -309,8 +360,15 @@ def parse_request(kind: str, body: Any, default_max_tokens: int, template_defaul
     elif kind == "infill":
         request.prompt = _infill_prefix(body)
         request.suffix = _get(body, "input_suffix", str, "a string", "")
-        if not request.prompt and not request.suffix:
+        if not request.prompt and not request.suffix and not request.warm_up:
             raise bad("'input_prefix' and 'input_suffix' are both empty: nothing to write between", "input_prefix")
+        request.n_indent = _get(body, "n_indent", int, "an integer", 0)
+        # llama.vscode asks for several proposals and shows one answer as one: one is written.
+        _positive_int(body, "n_cmpl")
+        fields = _get(body, "response_fields", list, "an array of strings")
+        if fields is not None and not all(isinstance(f, str) for f in fields):
+            raise bad("'response_fields' must be an array of strings", "response_fields")
+        request.response_fields = fields
     else:  # edit
         request.text = _get(body, "text", str, "a string")
         if request.text is None:
@@ -361,6 +419,101 @@ class Usage:
             "denoising_steps": self.denoising_steps,
             "tokens_per_forward": round(self.tokens_per_forward, 4),
         }
+
+
+def cut_at_indent(text: str, n_indent: int) -> Tuple[str, bool]:
+    """llama.cpp's ``n_indent``: the text up to the first line after the first
+    that is indented less than ``n_indent`` (spaces and tabs) and has anything
+    after its indentation, keeping that indentation; and whether it was cut."""
+    if n_indent <= 0:
+        return text, False
+    at = text.find("\n")
+    while at != -1:
+        pos = at + 1
+        while pos < len(text) and text[pos] in " \t":
+            pos += 1
+        if pos < len(text) and pos - (at + 1) < n_indent:
+            return text[:pos], True
+        at = text.find("\n", pos)
+    return text, False
+
+
+def select_fields(body: dict, paths: Optional[List[str]]) -> dict:
+    """llama.cpp's ``response_fields``: a flat object of the ``a/b`` paths
+    found in ``body`` (missing ones left out), or the whole body."""
+    if paths is None:
+        return body
+    out = {}
+    for path in paths:
+        value, found = body, bool(path)
+        for part in path.split("/"):
+            if not isinstance(value, dict) or part not in value:
+                found = False
+                break
+            value = value[part]
+        if found:
+            out[path] = value
+    return out
+
+
+def timings(prompt_n: int, prompt_ms: float, predicted_n: int, predicted_ms: float) -> dict:
+    """llama.cpp's ``timings`` (editor plugins show them)."""
+
+    def rates(n, ms):
+        return round(ms / n, 3) if n else 0.0, round(1000 * n / ms, 3) if ms > 0 else 0.0
+
+    prompt_per_token, prompt_per_second = rates(prompt_n, prompt_ms)
+    predicted_per_token, predicted_per_second = rates(predicted_n, predicted_ms)
+    return {
+        "prompt_n": prompt_n,
+        "prompt_ms": round(prompt_ms, 3),
+        "prompt_per_token_ms": prompt_per_token,
+        "prompt_per_second": prompt_per_second,
+        "predicted_n": predicted_n,
+        "predicted_ms": round(predicted_ms, 3),
+        "predicted_per_token_ms": predicted_per_token,
+        "predicted_per_second": predicted_per_second,
+    }
+
+
+@dataclass
+class InfillResult:
+    """What an /infill answer reports (llama.cpp's fields, which editor plugins read)."""
+
+    content: str = ""
+    stop_type: str = "eos"  # "eos", "limit" (cut by n_indent) or "word" (a stop string)
+    stopping_word: str = ""
+    prompt_n: int = 0  # tokens the model read: the prefix, and the suffix's head it saw
+    prompt_ms: float = 0.0
+    predicted_n: int = 0
+    predicted_ms: float = 0.0
+    denoising_steps: int = 0
+
+
+def infill_body(base: dict, request: Request, result: InfillResult, n_ctx: int) -> dict:
+    """llama.cpp's /infill answer (``base``: the envelope), with the gap's length and steps."""
+    return dict(
+        base,
+        content=result.content,
+        stop=True,
+        tokens_predicted=result.predicted_n,
+        tokens_evaluated=result.prompt_n,
+        tokens_cached=0,  # a canvas is written whole; no prompt is kept between requests
+        truncated=False,
+        stop_type=result.stop_type,
+        stopping_word=result.stopping_word,
+        has_new_line="\n" in result.content,
+        generation_settings={
+            "n_ctx": n_ctx,
+            "n_predict": request.max_tokens,
+            "n_indent": request.n_indent,
+            "seed": request.seed,
+            "model": base["model"],
+        },
+        timings=timings(result.prompt_n, result.prompt_ms, result.predicted_n, result.predicted_ms),
+        infill_length=result.predicted_n,
+        denoising_steps=result.denoising_steps,
+    )
 
 
 def envelope(request: Request, response_id: str, model_id: str, created: Optional[int] = None, chunk=False) -> dict:

@@ -1,7 +1,10 @@
-"""One worker thread does all MLX (and tokenizer) work; requests take turns on it.
+"""One worker thread does all MLX work; requests take turns on it.
 
-HTTP threads parse a request, wrap it in a ``Job`` and ``submit`` it; the
-worker answers through the job's event queue:
+HTTP threads parse a request, check it against the server's limits and
+tokenize it (``prepare``: the tokenizer lets other threads run meanwhile, so
+a long prompt is read beside the running model rather than in its turn), wrap
+it in a ``Job`` and ``submit`` it; the worker answers through the job's event
+queue:
 
 - ``("start", None)`` once the prompt is encoded and the first step ran (or
   ``("error", APIError)`` instead: a prompt too long for the context, say);
@@ -29,18 +32,31 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
 from ..chat import ChatCache, commit_answer
-from ..chat_template import render
-from ..generate import stream_generate
+from ..chat_template import plain_ids, render
+from ..generate import SamplerParams, stream_generate, text_ids
 from ..infill import stream_edit, stream_infill
 from .conversations import Conversations
 from .output import ChatOutput, StopStrings
-from .protocol import APIError, Request, Usage, envelope, new_id
+from .protocol import (
+    APIError,
+    InfillResult,
+    Request,
+    Usage,
+    cut_at_indent,
+    envelope,
+    infill_body,
+    new_id,
+    select_fields,
+)
 
 log = logging.getLogger("mlx_diffgemma.server")
 
 
 # A template that rejects a conversation is a ValueError too (chat_template.render says so).
 INPUT_ERRORS = (APIError, ValueError, TypeError)
+# A request may ask for this many self-conditioning candidates even when the
+# server's default is fewer; a vocabulary-sized gather per step is what is bounded.
+TOP_K_ALLOWANCE = 64
 
 
 def input_error(e: Exception) -> APIError:
@@ -94,6 +110,7 @@ class Worker:
     def __init__(self, load: Callable[[], tuple], settings: Settings, conversations: Conversations):
         self.load, self.settings, self.conversations = load, settings, conversations
         self.model = self.tokenizer = None
+        self.sampler: Optional[SamplerParams] = None  # the server's settings, resolved against the checkpoint
         self.pending: "queue.Queue[Job]" = queue.Queue(maxsize=settings.queue_size)
         self.active: "deque[tuple]" = deque()
         self.thread = threading.Thread(target=self._main, name="mlx-worker", daemon=True)
@@ -110,12 +127,62 @@ class Worker:
     def _main(self):
         try:
             self.model, self.tokenizer = self.load()
+            # Bad settings fail before serving; what they resolve to bounds every request.
+            self.sampler = SamplerParams.resolve(self.model, **self.settings.sampler_defaults)
         except BaseException as e:
             self._load_error = e
             return
         finally:
             self._ready.set()
         self._loop()
+
+    def check_limits(self, request: Request):
+        """A 400 for settings beyond the server's own: a request cannot make its
+        canvases cost more than the server was started to spend on one."""
+        steps = request.sampler.get("max_denoising_steps")
+        if steps is not None and steps > self.sampler.max_denoising_steps:
+            raise APIError(
+                400,
+                f"'max_denoising_steps' is {steps}, more than this server allows "
+                f"({self.sampler.max_denoising_steps}; a larger --max-denoising-steps allows more)",
+                param="max_denoising_steps",
+            )
+        top_k = request.sampler.get("self_conditioning_top_k")
+        limit = max(TOP_K_ALLOWANCE, self.sampler.self_conditioning_top_k)
+        if top_k is not None and (top_k > limit or (top_k == 0 and self.sampler.self_conditioning_top_k != 0)):
+            raise APIError(
+                400,
+                f"'self_conditioning_top_k' is {top_k}, beyond this server's limit (1 to {limit})",
+                param="self_conditioning_top_k",
+            )
+
+    def prepare(self, request: Request):
+        """Tokenize the request's text on the calling (HTTP) thread: the chat
+        template's ids, a prompt's, a prefix's and suffix's. An edit's text is
+        tokenized in pieces when it runs; here only its size is checked."""
+        tokenizer = self.tokenizer
+        try:
+            if request.kind == "chat":
+                request.prompt = render(
+                    tokenizer, request.messages, True, tools=request.tools, **request.template_kwargs
+                )
+            elif request.kind == "edit":
+                n, context = len(plain_ids(tokenizer, request.text)), self.model.args.max_position_embeddings
+                if n > context:
+                    raise ValueError(f"'text' is {n} tokens, more than the model's context of {context}")
+            elif request.kind == "infill":
+                # As llama.cpp's /infill reads a document: plain text (nothing in a file
+                # becomes a control token), the prefix after <bos>.
+                bos = getattr(tokenizer, "bos_token_id", None)
+                request.prompt = ([bos] if bos is not None else []) + plain_ids(tokenizer, request.prompt)
+                request.suffix = plain_ids(tokenizer, request.suffix) if request.suffix else ""
+            else:  # completions: raw text as stream_generate reads it, after <bos>
+                if isinstance(request.prompt, str) and request.prompt:
+                    request.prompt = text_ids(tokenizer, request.prompt)
+                if request.suffix:
+                    request.suffix = text_ids(tokenizer, request.suffix, bos=False)
+        except INPUT_ERRORS as e:
+            raise input_error(e) from None
 
     def submit(self, job: Job):
         try:
@@ -169,7 +236,7 @@ class Worker:
         ids of the whole prompt or None, how many of those are cached)."""
         if request.kind == "completion":
             return request.prompt, None, None, 0
-        full = render(self.tokenizer, request.messages, True, tools=request.tools, **request.template_kwargs)
+        full = request.prompt  # the template's ids (prepare)
         if request.n > 1:  # rows of one batch: a fresh batch cache, nothing kept
             return full, None, full, 0
         taken = self.conversations.take(full)
@@ -298,16 +365,11 @@ class Worker:
                 chat_template_kwargs=request.template_kwargs,
                 **sampler,
             )
-        prefix = request.prompt
-        if request.kind == "infill":
-            # As llama.cpp's /infill: the prefix is raw text after <bos>.
-            bos = getattr(self.tokenizer, "bos_token_id", None)
-            prefix = ([bos] if bos is not None else []) + list(self.tokenizer.encode(prefix, add_special_tokens=False))
         return stream_infill(
             self.model,
             self.tokenizer,
-            prefix,
-            request.suffix,
+            request.prompt,
+            request.suffix or "",
             request.infill_length,
             seed=request.seed,
             max_tokens=request.max_tokens,
@@ -318,6 +380,7 @@ class Worker:
         """An infill or edit: drafts while it denoises (if asked), then the result.
         Its turn ends with each window (canvas) it finishes."""
         request = job.request
+        tic = time.perf_counter()
         try:
             stream = self._fill_stream(request)
             first = next(stream)  # errors the input can cause come with the first step
@@ -341,44 +404,50 @@ class Worker:
             yield last.window != window
             window = last.window
         stream.close()
-        # Stop strings cut a middle; an edit's text is returned whole.
-        text = last.text if request.kind == "edit" else StopStrings(request.stop).feed(last.text, final=True)
+        elapsed_ms = 1000 * (time.perf_counter() - tic)
+        # What the model read: the prompt, and the known text around the gaps it saw.
+        read = last.prompt_tokens + last.fixed_tokens
+        written = last.length or 0
         usage = Usage(
-            prompt_tokens=last.prompt_tokens,
-            completion_tokens=last.length or 0,
+            prompt_tokens=read,
+            completion_tokens=written,
             cached_tokens=0,
             denoising_steps=last.denoising_steps,
-            tokens_per_forward=(last.length or 0) / max(last.denoising_steps, 1),
+            tokens_per_forward=written / max(last.denoising_steps, 1),
         )
         body = envelope(request, response_id, self.settings.model_id, created)
-        if request.kind == "edit":
-            body.update(text=text, spans=[list(s) for s in last.spans], usage=usage.body())
-        elif request.kind == "infill":
-            # llama.cpp's /infill answer, with the gap's length.
-            body.update(
+        if request.kind == "edit":  # an edit's text is returned whole
+            body.update(text=last.text, spans=[list(s) for s in last.spans], usage=usage.body())
+            return job.send("chunk" if request.stream else "response", body)
+        stops = StopStrings(request.stop)
+        text = stops.feed(last.text, final=True)
+        if request.kind == "infill":
+            text, indented = cut_at_indent(text, request.n_indent)
+            prompt_ms = 1000 * last.prompt_tokens / last.prompt_tps if last.prompt_tps else 0.0
+            result = InfillResult(
                 content=text,
-                stop=True,
-                tokens_predicted=last.length,
-                tokens_evaluated=last.prompt_tokens,
-                infill_length=last.length,
+                stop_type="word" if stops.stopped else "limit" if indented else "eos",
+                stopping_word=stops.word,
+                prompt_n=read,
+                prompt_ms=prompt_ms,
+                predicted_n=written,
+                predicted_ms=max(elapsed_ms - prompt_ms, 0.0),
                 denoising_steps=last.denoising_steps,
             )
-        else:
-            choice = {"index": 0, "text": text, "finish_reason": "stop", "logprobs": None, "infill_length": last.length}
-            body.update(choices=[choice], usage=usage.body())
-        if not request.stream:
-            job.send("response", body)
-        elif request.kind == "completion":
-            job.send("chunk", self._chunk(request, response_id, created, 0, {"text": text}, "stop"))
-            if request.include_usage:
-                usage_chunk = envelope(request, response_id, self.settings.model_id, created, True)
-                job.send("chunk", dict(usage_chunk, choices=[], usage=usage.body()))
-        elif request.kind == "infill":
+            body = infill_body(body, request, result, self.model.args.max_position_embeddings)
+            if not request.stream:
+                return job.send("response", select_fields(body, request.response_fields))
             # As llama.cpp streams: the content, then a last event that stops.
             job.send("chunk", {"content": text, "stop": False})
-            job.send("chunk", dict(body, content=""))
-        else:
-            job.send("chunk", body)
+            return job.send("chunk", select_fields(dict(body, content=""), request.response_fields))
+        choice = {"index": 0, "text": text, "finish_reason": "stop", "logprobs": None, "infill_length": last.length}
+        body.update(choices=[choice], usage=usage.body())
+        if not request.stream:
+            return job.send("response", body)
+        job.send("chunk", self._chunk(request, response_id, created, 0, {"text": text}, "stop"))
+        if request.include_usage:
+            usage_chunk = envelope(request, response_id, self.settings.model_id, created, True)
+            job.send("chunk", dict(usage_chunk, choices=[], usage=usage.body()))
 
     def _delta(self, row: _Row, text: str, final: bool) -> Dict[str, Any]:
         if row.output is None:
