@@ -129,7 +129,8 @@ class ModelArgs:
             if t not in rope:
                 raise ConfigError(f"{source}: rope_parameters has no entry for {t}")
 
-        eos = config.get("eos_token_id", text.get("eos_token_id", 1))
+        # A null id counts as absent: the top level's, else the text config's, else Gemma's <eos>.
+        eos = token_ids(config.get("eos_token_id")) or token_ids(text.get("eos_token_id")) or [1]
         return cls(
             hidden_size=text["hidden_size"],
             num_hidden_layers=n,
@@ -152,5 +153,28 @@ class ModelArgs:
             canvas_length=config.get("canvas_length") or 256,
             pad_token_id=text.get("pad_token_id", 0) or 0,
             bos_token_id=text.get("bos_token_id", 2),
-            eos_token_id=eos if isinstance(eos, list) else [eos],
+            eos_token_id=eos,
         )
+
+
+def token_ids(value: Any) -> List[int]:
+    """An ``eos_token_id``-style field as a list of ids: null gives [], one id [it]."""
+    if value is None:
+        return []
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return [int(v) for v in values if v is not None]
+
+
+def eos_token_ids(generation_config: Dict[str, Any], args: ModelArgs) -> List[int]:
+    """The ids that end generation: generation_config.json's when it names any, else config.json's.
+
+    The one place this rule lives: the sampler, the tokenizer's stop set and the
+    training objective all read it here, so a null id means the same everywhere.
+    """
+    return token_ids(generation_config.get("eos_token_id")) or list(args.eos_token_id)
+
+
+def pad_token_id(generation_config: Dict[str, Any], args: ModelArgs) -> int:
+    """The id written after EOS: generation_config.json's unless null, else config.json's."""
+    pad = generation_config.get("pad_token_id")
+    return args.pad_token_id if pad is None else int(pad)

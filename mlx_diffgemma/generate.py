@@ -29,6 +29,7 @@ import mlx.core as mx
 
 from . import sampler
 from .cache import PromptCache
+from .config import eos_token_ids, pad_token_id
 from .model import Model
 
 PREFILL_STEP = 2048
@@ -100,10 +101,8 @@ class SamplerParams:
             source = sampler_config if name == "entropy_bound" else gen
             if source.get(name) is not None:
                 values[name] = source[name]
-        eos = values["eos_token_id"] if gen.get("eos_token_id") is not None else model.args.eos_token_id
-        values["eos_token_id"] = list(eos) if isinstance(eos, (list, tuple)) else [eos]
-        if gen.get("pad_token_id") is None:
-            values["pad_token_id"] = model.args.pad_token_id
+        values["eos_token_id"] = eos_token_ids(gen, model.args)
+        values["pad_token_id"] = pad_token_id(gen, model.args)
         for name in SAMPLER_SETTINGS:
             if name not in overrides or overrides[name] is None:
                 try:

@@ -37,6 +37,8 @@ from mlx_lm.tokenizer_utils import (
 )
 from mlx_lm.tokenizer_utils import load as _mlx_lm_load
 
+from .config import token_ids
+
 __all__ = [
     "DiffGemmaTokenizerWrapper",
     "TokenizerError",
@@ -149,12 +151,11 @@ def read_eos_token_ids(model_path: Union[str, Path]) -> Optional[List[int]]:
         if not f.is_file():
             continue
         try:
-            eos = json.loads(f.read_text(encoding="utf-8")).get("eos_token_id")
-        except (json.JSONDecodeError, OSError, AttributeError):
+            eos = token_ids(json.loads(f.read_text(encoding="utf-8")).get("eos_token_id"))
+        except (json.JSONDecodeError, OSError, AttributeError, TypeError, ValueError):
             continue
-        if eos is None:
-            continue
-        return [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
+        if eos:
+            return eos
     return None
 
 

@@ -12,7 +12,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import infer_quant_config
 
 from . import cpu_experts
-from .config import ConfigError, ModelArgs
+from .config import ConfigError, ModelArgs, eos_token_ids
 from .model import Model
 from .tokenizer import TokenizerError, load_tokenizer
 from .tuner.adapters import load_adapters
@@ -330,9 +330,8 @@ def load(
     model = load_model(model_path, lazy=lazy)
     if adapter_path is not None:
         load_adapters(model, adapter_path)
-    eos = model.generation_config.get("eos_token_id", model.args.eos_token_id)
     try:
-        tokenizer = load_tokenizer(model_path, eos_token_ids=eos if isinstance(eos, list) else [eos])
+        tokenizer = load_tokenizer(model_path, eos_token_ids=eos_token_ids(model.generation_config, model.args))
     except OSError as e:
         raise LoadError(f"{e.filename or model_path}: cannot read ({e.strerror or e})") from None
     except TokenizerError as e:

@@ -207,3 +207,30 @@ def test_hub_failure_is_one_line(monkeypatch):
     with pytest.raises(LoadError) as e:
         load("someone/some-model")
     assert "someone/some-model" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_null_token_ids_fall_back_alike(tmp_path):
+    """A null eos/pad id in generation_config.json or config.json means "not given" to
+    the config, the sampler, the tokenizer's stop set and the training objective alike."""
+    from mlx_diffgemma.config import eos_token_ids, pad_token_id
+    from mlx_diffgemma.generate import SamplerParams
+
+    path = copy_of(Path(__file__).parents[1] / "examples/shift/model", tmp_path)
+    generation = json.loads((path / "generation_config.json").read_text())
+    (path / "generation_config.json").write_text(json.dumps(dict(generation, eos_token_id=None, pad_token_id=None)))
+    config = json.loads((path / "config.json").read_text())
+    text = dict(config["text_config"], eos_token_id=106)
+    (path / "config.json").write_text(json.dumps(dict(config, eos_token_id=None, text_config=text)))
+
+    model, tokenizer = load(str(path))
+    assert model.args.eos_token_id == [106]  # the top level's null gives way to text_config's
+    assert eos_token_ids(model.generation_config, model.args) == [106]
+    assert pad_token_id(model.generation_config, model.args) == model.args.pad_token_id == 0
+    params = SamplerParams.resolve(model)
+    assert params.eos_token_id == [106] and params.pad_token_id == 0
+    assert tokenizer.eos_token_ids == {tokenizer.eos_token_id, 106}  # mlx-lm adds the tokenizer's own
+
+    (path / "generation_config.json").write_text(json.dumps(dict(generation, eos_token_id=[None, 50])))
+    model, tokenizer = load(str(path))
+    assert SamplerParams.resolve(model).eos_token_id == [50]
+    assert tokenizer.eos_token_ids == {tokenizer.eos_token_id, 50}

@@ -446,6 +446,10 @@ def test_eos_ids_from_generation_config_or_argument(tok, tmp_path):
     assert load_tokenizer(d, eos_token_ids=[106]).eos_token_ids == {1, 106}
     (d / "generation_config.json").write_text(json.dumps({"eos_token_id": 106}))
     assert load_tokenizer(d).eos_token_ids == {1, 106}
+    # A null id is no id: config.json's is read instead.
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": None}))
+    (d / "config.json").write_text(json.dumps({"eos_token_id": [None, 50]}))
+    assert read_eos_token_ids(d) == [50]
 
 
 def test_chat_template_from_processor_json(tok, tok_dir, tmp_path):

@@ -18,6 +18,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.tuner.utils import build_schedule
 
+from ..config import eos_token_ids, pad_token_id
 from ..utils import load
 from . import adapters
 from .datasets import DataError, check_data_directory, load_dataset
@@ -134,12 +135,11 @@ def run_lora(opts, progress: Progress) -> int:
     for split in data.values():
         if split:
             check_lengths(split, C, limit, flag)
-    eos = model.generation_config.get("eos_token_id", model.args.eos_token_id)
     objective = ObjectiveArgs(
         canvas_length=C,
         vocab_size=model.args.vocab_size,
-        eos_ids=eos if isinstance(eos, list) else [eos],
-        pad_id=model.generation_config.get("pad_token_id", model.args.pad_token_id),
+        eos_ids=eos_token_ids(model.generation_config, model.args),
+        pad_id=pad_token_id(model.generation_config, model.args),
         mask_prompt=opts.mask_prompt,
     )
 
