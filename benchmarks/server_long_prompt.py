@@ -83,7 +83,8 @@ def main():
             target=lambda: result.update(times=step_times(url, args.model, args.steps, args.max_tokens, started))
         )
         stream.start()
-        started.wait()
+        if not started.wait(600):
+            sys.exit("the streaming client saw no step events within 600 s")
         status, sent, answered = huge_prompt(url, args.model, args.megabytes)
         stream.join()
     finally:

@@ -130,7 +130,10 @@ class ModelArgs:
                 raise ConfigError(f"{source}: rope_parameters has no entry for {t}")
 
         # A null id counts as absent: the top level's, else the text config's, else Gemma's <eos>.
-        eos = token_ids(config.get("eos_token_id")) or token_ids(text.get("eos_token_id")) or [1]
+        try:
+            eos = token_ids(config.get("eos_token_id")) or token_ids(text.get("eos_token_id")) or [1]
+        except (TypeError, ValueError):
+            raise ConfigError(f"{source}: eos_token_id must be a token id or a list of them") from None
         return cls(
             hidden_size=text["hidden_size"],
             num_hidden_layers=n,
@@ -161,7 +164,9 @@ def token_ids(value: Any) -> List[int]:
     """An ``eos_token_id``-style field as a list of ids: null gives [], one id [it]."""
     if value is None:
         return []
-    values = value if isinstance(value, (list, tuple)) else [value]
+    if isinstance(value, str):  # iterable, but never a list of ids
+        raise ValueError(f"token ids must be integers, not {value!r}")
+    values = [value] if isinstance(value, int) else list(value)
     return [int(v) for v in values if v is not None]
 
 

@@ -246,12 +246,7 @@ def load_tokenizer(
     model_path = Path(model_path)
     if not model_path.is_dir() or not has_tokenizer_files(model_path):
         return None
-    if eos_token_ids is None:
-        eos_token_ids = read_eos_token_ids(model_path)
-    elif isinstance(eos_token_ids, int):
-        eos_token_ids = [eos_token_ids]
-    else:
-        eos_token_ids = [int(e) for e in eos_token_ids]
+    eos_token_ids = read_eos_token_ids(model_path) if eos_token_ids is None else token_ids(eos_token_ids)
 
     json_files = _read_json_files(model_path)
     extra = {"local_files_only": True}

@@ -234,3 +234,6 @@ def test_null_token_ids_fall_back_alike(tmp_path):
     model, tokenizer = load(str(path))
     assert SamplerParams.resolve(model).eos_token_id == [50]
     assert tokenizer.eos_token_ids == {tokenizer.eos_token_id, 50}
+
+    (path / "config.json").write_text(json.dumps(dict(config, eos_token_id="106")))
+    assert error_of(path) == f"{path / 'config.json'}: eos_token_id must be a token id or a list of them"
