@@ -2,7 +2,7 @@
 
     python benchmarks/long_context.py [--preset mini] [--prompt-tokens 32768] [--chunk 2048]
 
-Random weights and a random prompt, encoded by ``generate.encode_prompt`` (in
+Random weights and a random prompt, encoded by ``prompts.encode_prompt`` (in
 chunks of ``--chunk`` tokens) into a fresh cache. Whatever the encoder holds
 besides the weights and the cache (attention scores, masks, a chunk's
 activations) is the peak minus the two; the goal is under 1 GB at 32,768
@@ -20,7 +20,7 @@ from mlx_diffgemma.benchmark import PRESETS, random_model, random_prompts
 from mlx_diffgemma.benchmark.common import weight_bytes
 
 # The package exports a function of the same name, so the module is imported by name.
-generate = importlib.import_module("mlx_diffgemma.generate")
+prompts = importlib.import_module("mlx_diffgemma.prompts")
 
 GB = 1e9
 ALLOWANCE = 1 * GB
@@ -30,7 +30,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="mini", choices=sorted(PRESETS))
     parser.add_argument("--prompt-tokens", type=int, default=32768)
-    parser.add_argument("--chunk", type=int, default=generate.PREFILL_STEP, help="tokens per encoder call")
+    parser.add_argument("--chunk", type=int, default=prompts.PREFILL_STEP, help="tokens per encoder call")
     args = parser.parse_args()
 
     config = PRESETS[args.preset]
@@ -39,14 +39,14 @@ def main():
         parser.error(f"--prompt-tokens is above the preset's max_position_embeddings ({limit})")
     model = random_model(config, seed=0)
     prompt = random_prompts(1, args.prompt_tokens, model.args.vocab_size, 0)
-    generate.PREFILL_STEP = args.chunk  # encode_prompt reads it at each call
+    prompts.PREFILL_STEP = args.chunk  # encode_prompt reads it at each call
     weights = weight_bytes(model)
 
     cache = model.make_cache()
     mx.synchronize()
     mx.reset_peak_memory()
     tic = time.perf_counter()
-    generate.encode_prompt(model, prompt, cache)
+    prompts.encode_prompt(model, prompt, cache)
     mx.synchronize()
     seconds = time.perf_counter() - tic
     peak = mx.get_peak_memory()

@@ -2,7 +2,7 @@
 
     python benchmarks/step_overhead.py [--preset tiny|mini] [--repeats 5]
 
-The graph is what ``generate.denoise_step`` builds before anything runs; its
+The graph is what ``denoising.denoise_step`` builds before anything runs; its
 building time is what the device would sit idle for between two steps if the
 next step were not queued ahead (docs/generation.md). Random weights.
 """
@@ -14,7 +14,10 @@ import time
 import mlx.core as mx
 
 from mlx_diffgemma.benchmark import PRESETS, random_model, random_prompts
-from mlx_diffgemma.generate import CanvasState, RowKeys, SamplerParams, denoise_step, encode_prompt, noise_canvas
+from mlx_diffgemma.denoising import CanvasState, denoise_step
+from mlx_diffgemma.generate import RowKeys, noise_canvas
+from mlx_diffgemma.prompts import encode_prompt
+from mlx_diffgemma.sampler_params import SamplerParams
 
 
 def main():
@@ -30,13 +33,13 @@ def main():
     encode_prompt(model, random_prompts(1, args.prompt_tokens, model.args.vocab_size, 0), cache)
     rng = RowKeys([0])
     state = CanvasState.start(noise_canvas(rng.next(), model.canvas_length, model.args.vocab_size), params)
-    state, _ = denoise_step(model, cache, state, params, 8, rng.next())
+    state, _ = denoise_step(model, cache, state, params, 1, rng.next())
     mx.eval(state)
 
     build, run = [], []
     for _ in range(args.repeats + 1):
         tic = time.perf_counter()
-        nxt, update = denoise_step(model, cache, state, params, 7, rng.next())
+        nxt, update = denoise_step(model, cache, state, params, 2, rng.next())
         built = time.perf_counter()
         mx.eval(nxt, update.entropy, update.accepted)
         done = time.perf_counter()

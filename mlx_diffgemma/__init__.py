@@ -25,8 +25,9 @@ from . import edit as _edit_command  # noqa: F401
 from .chat import chat, stream_chat
 from .convert import convert
 from .fuse import fuse
-from .generate import FAST, SamplerParams, generate, stream_generate
+from .generate import generate, stream_generate
 from .infill import edit, infill, stream_edit, stream_infill
+from .sampler_params import FAST, SamplerParams
 from .utils import load
 
 # The functions above share their modules' names (as in mlx-lm), so

@@ -8,7 +8,7 @@ reference decoder attends to over the cache.
 Keys and values are stored in temporal order, shape [B, kv_heads, T, head_dim].
 """
 
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import mlx.core as mx
 
@@ -92,6 +92,12 @@ class PromptCache(list):
     @property
     def offset(self) -> int:
         return self[0].offset
+
+    def key_masks(self, length: int) -> Optional[Dict[bool, mx.array]]:
+        """The masks for ``length`` new queries, by layer kind (sliding or
+        not), where the cache has its own rule; None: the model builds them
+        from the positions (a training context returns each row's)."""
+        return None
 
     def copy(self) -> "PromptCache":
         """This cache as it is now (its arrays shared, never written in place)."""

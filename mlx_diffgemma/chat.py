@@ -99,9 +99,10 @@ def stream_chat(
     enable_thinking: bool = False,
     tools: Optional[List[Any]] = None,
     chat_template_kwargs: Optional[Dict[str, Any]] = None,
-    **params,
+    **kwargs,
 ) -> Iterator[GenerationResponse]:
-    """``stream_generate`` for a conversation.
+    """``stream_generate`` for a conversation; ``kwargs`` go to it
+    (``max_tokens``, ``seed``, ``params`` or the sampler settings).
 
     Once the stream is exhausted, its last response carries ``chat_cache``
     (a ``ChatCache``) for the next turn.
@@ -114,7 +115,7 @@ def stream_chat(
     prompt, chat_cache = chat_prompt(model, tokenizer, messages, chat_cache, **template_kwargs)
 
     last = None
-    for last in stream_generate(model, tokenizer, prompt, prompt_cache=chat_cache.cache, **params):
+    for last in stream_generate(model, tokenizer, prompt, prompt_cache=chat_cache.cache, **kwargs):
         yield last
 
     commit_answer(model, tokenizer, chat_cache, last, len(messages) + 1)
@@ -129,16 +130,16 @@ def chat(
     chat_cache: Optional[ChatCache] = None,
     enable_thinking: bool = False,
     tools: Optional[List[Any]] = None,
-    **params,
+    **kwargs,
 ) -> ChatResponse:
     """Answer the last message of ``messages``.
 
     Pass the returned ``chat_cache`` with the next call (the messages so far,
     this answer as an ``assistant`` message, and the new message) so that only
-    the new turn is encoded.
+    the new turn is encoded. ``kwargs`` as ``stream_chat`` takes them.
     """
     text, last = "", None
-    for last in stream_chat(model, tokenizer, messages, chat_cache, enable_thinking, tools, **params):
+    for last in stream_chat(model, tokenizer, messages, chat_cache, enable_thinking, tools, **kwargs):
         text += last.text
     thought, answer = split_thinking(text)
     return ChatResponse(text, answer, thought, last.chat_cache, last.prompt_tokens, last)

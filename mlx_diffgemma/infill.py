@@ -36,18 +36,10 @@ import mlx.core as mx
 from . import sampler
 from .cache import PromptCache
 from .chat_template import plain_ids, render
-from .generate import (
-    SEED_LIMIT,
-    DenoisingStep,
-    GenerationResponse,
-    SamplerParams,
-    _as_batch,
-    encode_prompt,
-    generate_step,
-    row_seeds,
-    stream_generate,
-)
+from .generate import DenoisingStep, GenerationResponse, generate_step, stream_generate
 from .model import Model
+from .prompts import SEED_LIMIT, as_batch, encode_prompt, row_seeds
+from .sampler_params import SamplerParams, sampler_params
 from .thinking import END_OF_TURN
 
 Text = Union[str, Sequence[int]]
@@ -199,7 +191,7 @@ class FillResponse:
     """
 
     window: int  # the canvas (window) this step denoises, from 0
-    step: int  # counts down from max_denoising_steps to 1 within a window
+    step: int  # 1 to max_denoising_steps within a window (0 on the result)
     max_denoising_steps: int
     denoising_steps: int  # steps so far, all windows
     prompt_tokens: int
@@ -306,7 +298,7 @@ def _ids(tokenizer, text: Text, what: str, vocab_size: int, bos: bool) -> List[i
         text = text.tolist()
     if isinstance(text, (str, list, tuple)) and len(text) == 0:
         return []
-    return _as_batch(tokenizer, text, vocab_size, what, bos)[0]
+    return as_batch(tokenizer, text, vocab_size, what, bos)[0]
 
 
 def last(responses: Iterator[FillResponse]) -> FillResponse:
@@ -326,7 +318,8 @@ def stream_infill(
     seed: Optional[int] = None,
     max_tokens: int = 256,
     prompt_cache: Optional[PromptCache] = None,
-    **params,
+    params: Optional[SamplerParams] = None,
+    **settings,
 ) -> Iterator[FillResponse]:
     """Write the text between ``prefix`` and ``suffix``, yielding a response per step.
 
@@ -344,11 +337,11 @@ def stream_infill(
     sequence, after at most ``length`` (or ``max_tokens``) tokens.
 
     The last response has ``finished`` set, the middle in ``text`` and its
-    ``length``. ``params`` are the sampler settings, as for ``stream_generate``;
-    ``prompt_cache`` is the cache the prefix is encoded into (it keeps the
-    prefix, not the middle).
+    ``length``. ``params`` or keyword ``settings`` are the sampler's, as for
+    ``stream_generate``; ``prompt_cache`` is the cache the prefix is encoded
+    into (it keeps the prefix, not the middle).
     """
-    sp = SamplerParams.resolve(model, **params)
+    sp = sampler_params(model, params, settings)
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise ValueError(f"max_tokens must be a positive integer (got {max_tokens!r})")
     C, V = model.canvas_length, model.args.vocab_size
@@ -368,7 +361,7 @@ def stream_infill(
     cache = prompt_cache if prompt_cache is not None else model.make_cache()
     if not suffix_ids:
         limit = max_tokens if length is None else max(lengths)
-        yield from _generate_gap(model, tokenizer, prefix_ids, limit, seed, cache, params)
+        yield from _generate_gap(model, tokenizer, prefix_ids, limit, seed, cache, sp)
         return
 
     _check_context(model, cache, len(prefix_ids), max(lengths) + len(suffix_ids), "infill")
@@ -419,7 +412,7 @@ def _lengths(length, canvas_length: int, max_tokens: int) -> List[int]:
 def _generate_gap(model, tokenizer, prefix_ids, max_tokens, seed, cache, params) -> Iterator[FillResponse]:
     """A gap with no suffix after it: generation from the prefix, as responses of infill."""
     text, r = "", None
-    for r in stream_generate(model, tokenizer, prefix_ids, max_tokens, seed, prompt_cache=cache, **params):
+    for r in stream_generate(model, tokenizer, prefix_ids, max_tokens, seed, prompt_cache=cache, params=params):
         text += r.text
         if r.finish_reason is None:
             yield _from_generation(r)
@@ -493,7 +486,8 @@ def stream_edit(
     seed: Optional[int] = None,
     prompt_cache: Optional[PromptCache] = None,
     chat_template_kwargs: Optional[Dict[str, Any]] = None,
-    **params,
+    params: Optional[SamplerParams] = None,
+    **settings,
 ) -> Iterator[FillResponse]:
     """Rewrite the character ``spans`` of ``text`` in place, yielding a response per step.
 
@@ -505,7 +499,8 @@ def stream_edit(
     many), cut at an end-of-sequence token the model writes in it. Text and
     instruction are read as plain text: nothing in them becomes a control
     token. The last response has ``finished`` set, the edited text
-    in ``text`` and each span's new (start, end) in ``spans``.
+    in ``text`` and each span's new (start, end) in ``spans``. ``params`` or
+    keyword ``settings`` are the sampler's, as for ``stream_generate``.
     """
     if not isinstance(text, str):
         raise TypeError(f"text must be a string (got {type(text).__name__})")
@@ -516,7 +511,7 @@ def stream_edit(
             if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
                 raise ValueError(f"lengths[{i}] must be a positive integer (got {n!r})")
     spans = check_spans(text, spans, lengths)
-    sp = SamplerParams.resolve(model, **params)
+    sp = sampler_params(model, params, settings)
     order = sorted(range(len(spans)), key=lambda i: spans[i])
 
     # Text and spans tokenized piece by piece, so every span is whole tokens.

@@ -8,7 +8,7 @@ leaves the cache untouched. The weights exist once.
 
 import math
 from functools import partial
-from typing import Optional
+from typing import Any, Dict, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -260,15 +260,23 @@ class Model(nn.Module):
         self.layers = [Layer(args, i) for i in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.self_conditioning = SelfConditioning(args)
-        self._sliding = [t == "sliding_attention" for t in args.layer_types]
+        # What ``utils.load`` knows of the checkpoint beside its weights.
+        self.generation_config: Dict[str, Any] = {}  # its generation_config.json
+        self.path: Optional[str] = None  # where it was read from: errors about its weights name it
+        self.adapter_path: Optional[str] = None  # the LoRA adapters loaded on it, if any
 
     @property
     def canvas_length(self) -> int:
         return self.args.canvas_length
 
+    @property
+    def sliding_layers(self) -> List[bool]:
+        """Per layer: whether it attends to a sliding window (else to the whole context)."""
+        return [t == "sliding_attention" for t in self.args.layer_types]
+
     def make_cache(self) -> PromptCache:
         keep = self.args.sliding_window - 1
-        return PromptCache([LayerCache(keep if s else None) for s in self._sliding])
+        return PromptCache([LayerCache(keep if s else None) for s in self.sliding_layers])
 
     def _embed_scale(self, dtype) -> mx.array:
         # The reference casts sqrt(hidden) to the weight dtype (53.0 in bf16).
@@ -280,15 +288,16 @@ class Model(nn.Module):
 
     def _masks(self, cache: PromptCache, length: int, causal: bool):
         """One mask per layer type, built once per call."""
-        key_masks = getattr(cache, "key_masks", None)
-        if key_masks is not None:  # a training context, with its own rule per row
-            return key_masks(length)
+        masks = cache.key_masks(length)
+        if masks is not None:  # a training context, with its own rule per row
+            return masks
+        sliding_layers = self.sliding_layers
         positions = mx.arange(cache.offset, cache.offset + length)
         masks = {}
         for sliding in (True, False):
-            if sliding not in self._sliding:
+            if sliding not in sliding_layers:
                 continue
-            c = cache[self._sliding.index(sliding)]
+            c = cache[sliding_layers.index(sliding)]
             keys = mx.arange(c.start, cache.offset + length)
             window = self.args.sliding_window if sliding else None
             masks[sliding] = _key_mask(positions, keys, causal, window, cache.left_padding)
@@ -296,7 +305,7 @@ class Model(nn.Module):
 
     def _run_layers(self, h: mx.array, cache: PromptCache, encoding: bool) -> mx.array:
         masks = self._masks(cache, h.shape[1], causal=encoding)
-        for layer, c, sliding in zip(self.layers, cache, self._sliding):
+        for layer, c, sliding in zip(self.layers, cache, self.sliding_layers):
             h = layer(h, c, masks[sliding], encoding)
         return self.norm(h)
 

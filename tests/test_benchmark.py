@@ -13,7 +13,7 @@ from mlx_diffgemma import benchmark
 from mlx_diffgemma.benchmark import breakdown
 from mlx_diffgemma.cli import benchmark as benchmark_cli
 from mlx_diffgemma.config import ModelArgs
-from mlx_diffgemma.generate import SamplerParams
+from mlx_diffgemma.sampler_params import SamplerParams
 
 TINY = benchmark.PRESETS["tiny"]
 CANVAS = TINY["canvas_length"]

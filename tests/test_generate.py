@@ -10,7 +10,8 @@ from reference import CANVAS, VOCAB, build_reference
 from tokenizer_fixture import write_test_tokenizer
 from transformers.models.diffusion_gemma import generation_diffusion_gemma as hf_gen
 
-from mlx_diffgemma.generate import SamplerParams, generate, stream_generate
+from mlx_diffgemma.generate import generate, stream_generate
+from mlx_diffgemma.sampler_params import SamplerParams
 from mlx_diffgemma.utils import load
 
 # The package exports a generate() function under the module's name.

@@ -17,17 +17,11 @@ from tokenizer_fixture import write_test_tokenizer
 import mlx_diffgemma
 from mlx_diffgemma import benchmark, sampler
 from mlx_diffgemma.benchmark import breakdown
-from mlx_diffgemma.generate import (
-    SAMPLER_SETTINGS,
-    CanvasCommit,
-    DenoisingStep,
-    SamplerParams,
-    denoise_step,
-    encode_prompt,
-    generate_step,
-    sample_step,
-)
+from mlx_diffgemma.denoising import denoise_step, sample_step
+from mlx_diffgemma.generate import CanvasCommit, DenoisingStep, generate_step
 from mlx_diffgemma.model import Model
+from mlx_diffgemma.prompts import encode_prompt
+from mlx_diffgemma.sampler_params import SAMPLER_SETTINGS, SamplerParams
 from mlx_diffgemma.utils import load
 
 PACKAGE = Path(mlx_diffgemma.__file__).parent
@@ -112,7 +106,7 @@ def _direct_fixed_canvas(model, cache, canvas, mask, tokens, params):
     every step accepts its argmax, fixed positions are put back, and the canvas
     stops once its argmax repeats (stability 1) with a confident mean entropy."""
     previous, probs, steps = None, None, 0
-    for step in range(params.max_denoising_steps, 0, -1):
+    for step in range(1, params.max_denoising_steps + 1):
         steps += 1
         kwargs = {} if probs is None else {"self_conditioning_probs": probs}
         processed = model.denoise(canvas, cache, **kwargs) / params.temperature(step)
@@ -192,13 +186,14 @@ def test_step_events(checkpoint):
 
 def _plain_loop(model, cache, seeds, canvases, params):
     """generate_step without queueing ahead: each step built after the last read."""
-    from mlx_diffgemma.generate import CanvasState, RowKeys, noise_canvas
+    from mlx_diffgemma.denoising import CanvasState
+    from mlx_diffgemma.generate import RowKeys, noise_canvas
 
     rng, out = RowKeys(seeds), []
     for _ in range(canvases):
         canvas = noise_canvas(rng.next(), CANVAS, VOCAB)
         state, stopped = CanvasState.start(canvas, params), [False] * len(seeds)
-        for step in range(params.max_denoising_steps, 0, -1):
+        for step in range(1, params.max_denoising_steps + 1):
             state, _ = denoise_step(model, cache, state, params, step, rng.next(), None, any(stopped))
             stopped = state.stopped.tolist()
             out.append(np.array(state.argmax).tolist())
@@ -272,8 +267,8 @@ def test_model_denoise_is_called_from_one_place():
                         sites.append((path.relative_to(PACKAGE).as_posix(), func.name))
     # Generation reaches the decoder through one step; training has its own
     # objective (a stop-gradient first pass for self-conditioning), in one function.
-    assert sorted(set(sites)) == [("generate.py", "denoise_step"), ("tuner/objective.py", "decoder_logits")]
-    assert sites.count(("generate.py", "denoise_step")) == 1
+    assert sorted(set(sites)) == [("denoising.py", "denoise_step"), ("tuner/objective.py", "decoder_logits")]
+    assert sites.count(("denoising.py", "denoise_step")) == 1
 
 
 def _is_main_guard(node) -> bool:
@@ -336,8 +331,8 @@ def test_sampler_flags_come_from_the_settings():
 
 def test_the_benchmark_times_the_step_generation_runs(monkeypatch):
     """Every decoder call the benchmark makes, in its generation timing and in
-    its breakdown, comes from generate.denoise_step, and every sampler update
-    from generate.sample_step."""
+    its breakdown, comes from denoising.denoise_step, and every sampler update
+    from denoising.sample_step."""
     callers = {"denoise": [], "update": []}
     denoise, update = Model.denoise, sampler.denoise_step_update
 
@@ -363,7 +358,7 @@ def test_the_benchmark_times_the_step_generation_runs(monkeypatch):
     prompts = benchmark.random_prompts(2, 16, model.args.vocab_size, 0)
     overrides = benchmark.sampler_overrides(3, model.args.vocab_size)
     params = SamplerParams.resolve(model, **overrides)
-    benchmark.run_generation(model, prompts, model.canvas_length, 0, overrides, params)
+    benchmark.run_generation(model, prompts, model.canvas_length, 0, params)
     generation_calls = len(callers["denoise"])
     result = breakdown.run_breakdown(model, prompts, params, repeats=2, seed=0)
 

@@ -15,7 +15,6 @@ import pytest
 from mlx_diffgemma import load
 from mlx_diffgemma import sampler as sampler_module
 from mlx_diffgemma.chat_template import plain_ids, render
-from mlx_diffgemma.generate import SamplerParams, encode_prompt
 from mlx_diffgemma.infill import (
     FillStep,
     Layout,
@@ -29,6 +28,8 @@ from mlx_diffgemma.infill import (
     stream_edit,
     stream_infill,
 )
+from mlx_diffgemma.prompts import encode_prompt
+from mlx_diffgemma.sampler_params import SamplerParams
 
 infill_module = importlib.import_module("mlx_diffgemma.infill")  # the package's `infill` is the function
 ROOT = Path(__file__).resolve().parents[1]

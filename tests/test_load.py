@@ -213,7 +213,7 @@ def test_null_token_ids_fall_back_alike(tmp_path):
     """A null eos/pad id in generation_config.json or config.json means "not given" to
     the config, the sampler, the tokenizer's stop set and the training objective alike."""
     from mlx_diffgemma.config import eos_token_ids, pad_token_id
-    from mlx_diffgemma.generate import SamplerParams
+    from mlx_diffgemma.sampler_params import SamplerParams
 
     path = copy_of(Path(__file__).parents[1] / "examples/shift/model", tmp_path)
     generation = json.loads((path / "generation_config.json").read_text())

@@ -168,7 +168,7 @@ def test_the_decoder_sees_the_cache_up_to_its_block(model_dir):
     assert len(set(batch.starts.tolist())) > 1
     cache = encoder_cache(model)
     model.encode(batch.tokens, cache)
-    context = BlockContext(cache, batch.starts, model._sliding, model.args.sliding_window)
+    context = BlockContext(cache, batch.starts, model.sliding_layers, model.args.sliding_window)
     logits = model.denoise(batch.canvas, context)
     for row, start in enumerate(batch.starts.tolist()):
         generation = model.make_cache()
@@ -189,7 +189,7 @@ def test_the_self_conditioning_pass_carries_no_gradient(model_dir):
     def context(m):
         c = encoder_cache(m)
         m.encode(batch.tokens, c)
-        return BlockContext(c, batch.starts, m._sliding, m.args.sliding_window)
+        return BlockContext(c, batch.starts, m.sliding_layers, m.args.sliding_window)
 
     def ours(m):
         return nn.losses.cross_entropy(decoder_logits(m, batch.canvas, context(m), signal), batch.targets).mean()
@@ -221,7 +221,7 @@ def test_rows_without_self_conditioning_get_the_first_step_signal(model_dir):
     batch = make_batch(random_examples(rng, 2, model.args.vocab_size), objective(model), rng)
     cache = encoder_cache(model)
     model.encode(batch.tokens, cache)
-    context = BlockContext(cache, batch.starts, model._sliding, model.args.sliding_window)
+    context = BlockContext(cache, batch.starts, model.sliding_layers, model.args.sliding_window)
     mixed = decoder_logits(model, batch.canvas, context, mx.array([False, True]))
     plain = model.denoise(batch.canvas, context)
     assert mx.abs(mixed[0] - plain[0]).max().item() < 1e-5

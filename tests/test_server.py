@@ -136,7 +136,7 @@ def expected(reference, prompt, max_tokens=64, seed=0, **params):
     last = responses[-1]
     steps = {}
     for r in responses:
-        steps[r.canvas_index] = r.max_denoising_steps - r.step + 1
+        steps[r.canvas_index] = r.step
     return dict(
         text="".join(r.text for r in responses),
         completion_tokens=sum(len(r.token_ids) for r in responses),

@@ -27,7 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import List, Optional
 
@@ -37,8 +37,9 @@ import mlx.nn as nn
 from .. import blas
 from ..config import DEFAULT_ROPE, ModelArgs
 from ..convert import DEFAULT_RECIPE, RECIPES, module_quantization, quantization_settings
-from ..generate import SamplerParams, stream_generate
+from ..generate import stream_generate
 from ..model import Model
+from ..sampler_params import SamplerParams
 from ..utils import get_model_path, load
 from .breakdown import COMPONENT_NAMES, COMPONENTS, run_breakdown
 from .common import NEVER_CONFIDENT, median, set_dtype, step_intervals, weight_bytes
@@ -287,13 +288,11 @@ def sampler_overrides(fixed_steps: Optional[int], vocab: int, top_k: int = 0, fa
     )
 
 
-def run_generation(
-    model: Model, prompts: List[List[int]], max_tokens: int, seed: int, overrides: dict, params: SamplerParams
-) -> dict:
+def run_generation(model: Model, prompts: List[List[int]], max_tokens: int, seed: int, params: SamplerParams) -> dict:
     """One timed generation (after a short warm-up), measured from its stream of responses."""
     batch = prompts if len(prompts) > 1 else prompts[0]
-    warmup = dict(overrides, max_denoising_steps=min(2, params.max_denoising_steps))
-    for _ in stream_generate(model, None, batch, max_tokens=model.canvas_length, seed=seed, **warmup):
+    warmup = replace(params, max_denoising_steps=min(2, params.max_denoising_steps))
+    for _ in stream_generate(model, None, batch, max_tokens=model.canvas_length, seed=seed, params=warmup):
         pass
     # MLX's buffer cache stays warm: clearing it would make the first timed
     # steps pay the operating system for fresh pages.
@@ -305,7 +304,7 @@ def run_generation(
     steps_seen = 0
     tic = time.perf_counter()
     canvases = math.ceil(max_tokens / model.canvas_length)
-    for response in stream_generate(model, None, batch, max_tokens=max_tokens, seed=seed, **overrides):
+    for response in stream_generate(model, None, batch, max_tokens=max_tokens, seed=seed, params=params):
         now = time.perf_counter()
         # Every row reports each step; the first report of a new step count marks it.
         if response.denoising_steps > steps_seen:
@@ -492,7 +491,7 @@ def _run(options: Options, checkpoint: Optional[Path]) -> dict:
     )
 
     _log("Timing generation...")
-    result["generation"] = run_generation(model, prompts, options.max_tokens, options.seed, overrides, params)
+    result["generation"] = run_generation(model, prompts, options.max_tokens, options.seed, params)
     if options.breakdown:
         _log("Timing the parts of one denoising step...")
         result["breakdown"] = run_breakdown(model, prompts, params, options.repeats, options.seed)

@@ -1,4 +1,4 @@
-"""Where a denoising step spends its time: each part of ``generate.denoise_step``
+"""Where a denoising step spends its time: each part of ``denoising.denoise_step``
 timed on the inputs it received in a real step, beside its matrix products
 timed alone (the floor)."""
 
@@ -12,18 +12,11 @@ import mlx.nn as nn
 
 from ..cache import PromptCache
 from ..config import ModelArgs
-from ..generate import (
-    CanvasState,
-    RowKeys,
-    SamplerParams,
-    denoise_step,
-    encode_prompt,
-    noise_canvas,
-    row_seeds,
-    sample_step,
-    uses_probs,
-)
+from ..denoising import CanvasState, denoise_step, sample_step, uses_probs
+from ..generate import RowKeys, noise_canvas
 from ..model import Model
+from ..prompts import encode_prompt, row_seeds
+from ..sampler_params import SamplerParams
 from .common import interleaved_medians
 
 COMPONENTS = ("attention", "dense_mlp", "experts", "lm_head", "self_conditioning", "sampler")
@@ -202,12 +195,11 @@ class StepInputs:
 def prepare_step(model: Model, prompts: List[List[int]], params: SamplerParams, seed: int) -> StepInputs:
     cache = model.make_cache()
     encode_prompt(model, prompts, cache)
-    N = params.max_denoising_steps
     rng = RowKeys(row_seeds(seed, len(prompts)))
     canvas = noise_canvas(rng.next(), model.canvas_length, model.args.vocab_size)
-    state, _ = denoise_step(model, cache, CanvasState.start(canvas, params), params, N, rng.next())
+    state, _ = denoise_step(model, cache, CanvasState.start(canvas, params), params, 1, rng.next())
     mx.eval(state)
-    return StepInputs(cache, state, rng.next(), max(N - 1, 1))
+    return StepInputs(cache, state, rng.next(), min(2, params.max_denoising_steps))
 
 
 def _outputs(result) -> List[mx.array]:
@@ -218,7 +210,7 @@ def _outputs(result) -> List[mx.array]:
 def step_functions(model: Model, step: StepInputs, params: SamplerParams) -> Dict[str, Optional[Callable]]:
     """The whole step and each part of it, as functions returning what they compute.
 
-    The whole step is ``generate.denoise_step``, the sampler part its
+    The whole step is ``denoising.denoise_step``, the sampler part its
     ``sample_step``: the code generation runs. The other parts run on what
     their submodules received in one real step; a part whose submodule was
     not called maps to None.

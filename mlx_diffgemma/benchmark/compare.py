@@ -20,7 +20,8 @@ import mlx.core as mx
 from mlx_lm.generate import generate_step
 from mlx_lm.models import gemma4_text
 
-from ..generate import PREFILL_STEP, SamplerParams
+from ..prompts import PREFILL_STEP
+from ..sampler_params import SamplerParams
 from .common import NEVER_CONFIDENT, global_attention_fields, median, set_dtype, step_intervals, weight_bytes
 
 # What each comparison imports, and the pip package that provides it.

@@ -15,7 +15,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..chat_template import render
 from ..config import ModelArgs
-from ..generate import FAST, Progress, SamplerParams, stream_generate
+from ..generate import stream_generate
+from ..sampler_params import FAST, SamplerParams, sampler_params
+from ..stats import Progress
 from ..thinking import END_OF_TURN
 from .breakdown import layer_shapes, matmul_flops, matmul_shapes
 
@@ -46,7 +48,7 @@ def generation_flops(
 
 
 # The sampler settings the accuracy table compares, by name: each departs
-# from the reference in one way (``fast`` is generate.FAST).
+# from the reference in one way (``fast`` is sampler_params.FAST).
 VARIANTS = {
     "reference": {},
     "top-k-8": dict(self_conditioning_top_k=8),
@@ -124,19 +126,26 @@ class Score:
 
 
 def evaluate(
-    model, tokenizer, problems: Sequence[Tuple[str, str]], seed: int = 0, max_tokens: int = 256, **sampler
+    model,
+    tokenizer,
+    problems: Sequence[Tuple[str, str]],
+    seed: int = 0,
+    max_tokens: int = 256,
+    params: Optional[SamplerParams] = None,
+    **settings,
 ) -> dict:
     """Exact-match accuracy and work per committed token over ``problems``:
     each question through the chat template and ``stream_generate`` (seed
     ``seed`` + its index); the answer must equal the text before the end of
-    the turn, stripped."""
-    params = SamplerParams.resolve(model, **sampler)
+    the turn, stripped. ``params`` or ``settings``: the sampler's, as for
+    ``stream_generate``."""
+    params = sampler_params(model, params, settings)
     score = Score(problems=len(problems))
     tic = time.perf_counter()
     for i, (question, answer) in enumerate(problems):
         prompt = render(tokenizer, [{"role": "user", "content": question}])
         progress, text, last = Progress(), "", None
-        for last in stream_generate(model, tokenizer, prompt, max_tokens, seed=seed + i, **sampler):
+        for last in stream_generate(model, tokenizer, prompt, max_tokens, seed=seed + i, params=params):
             progress.update(last)
             text += last.text
         score.exact += text.removesuffix(END_OF_TURN).strip() == answer

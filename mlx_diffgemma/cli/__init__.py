@@ -17,8 +17,9 @@ from typing import Callable, Dict, Optional, Union
 import mlx.core as mx
 
 from ..chat_template import TEMPLATE_ARGUMENTS
-from ..generate import FAST, SAMPLER_SETTINGS, SETTING_INFO, check_seed, setting_problem
 from ..live import LiveView, PlainView
+from ..prompts import check_seed
+from ..sampler_params import FAST, SAMPLER_SETTINGS, SETTING_INFO, SamplerParams, setting_problem
 from ..utils import DEFAULT_MODEL, LoadError, is_hub_id, load
 
 CONVERT_COMMAND = "python -m mlx_diffgemma.convert --q-bits 4"
@@ -174,10 +175,16 @@ def make_view(args, final_newline: bool = True):
     return LiveView(final_newline=final_newline) if live else PlainView(styled=terminal, final_newline=final_newline)
 
 
-def sampler_params(args) -> Dict[str, object]:
+def sampler_flags(args) -> Dict[str, object]:
     """The sampler flags the user set (unset ones are left to the checkpoint)."""
     names = SAMPLER_SETTINGS + ("fast",)
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
+def resolve_sampler(args, model) -> SamplerParams:
+    """The command's sampler settings, resolved once against the checkpoint:
+    bad ones fail here, before a view opens or a prompt is read."""
+    return SamplerParams.resolve(model, **sampler_flags(args))
 
 
 # -- Standard input -------------------------------------------------------------

@@ -7,8 +7,9 @@ from typing import Optional
 
 from .. import cli
 from ..chat import stream_chat
-from ..generate import SEED_LIMIT, Progress, SamplerParams, print_stats
 from ..live import DIM
+from ..prompts import SEED_LIMIT
+from ..stats import Progress, print_stats
 from ..thinking import ThoughtFormatter, split_thinking
 
 DEFAULT_MAX_TOKENS = 1024
@@ -80,8 +81,7 @@ def run_chat(args):
             pass
 
     model, tokenizer = cli.load_for_generation(args.model, args.adapter_path)
-    params = cli.sampler_params(args)
-    SamplerParams.resolve(model, **params)  # bad settings fail before the first prompt
+    params = cli.resolve_sampler(args, model)  # bad settings fail before the first prompt
     view = cli.make_view(args)
     thought_style = DIM  # a plain view on a pipe drops styles itself
     template_kwargs = dict(args.chat_template_config or {})
@@ -145,7 +145,7 @@ def run_chat(args):
                     chat_template_kwargs=template_kwargs,
                     max_tokens=args.max_tokens,
                     seed=seed,
-                    **params,
+                    params=params,
                 ):
                     progress.update(last)
                     if last.token_ids or last.finish_reason:

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from .. import cli, files
-from ..generate import SamplerParams
 from ..infill import check_spans, stream_edit
 
 EDIT_DESCRIPTION = """\
@@ -136,8 +135,7 @@ def run_edit(args):
             raise exists_error(Path(args.output))
         files.check_writable(Path(args.output))
     model, tokenizer = cli.load_for_generation(args.model, args.adapter_path)
-    params = cli.sampler_params(args)
-    SamplerParams.resolve(model, **params)  # bad settings fail before the view opens
+    params = cli.resolve_sampler(args, model)
 
     to_stdout = not (args.in_place or args.output)
     last = None
@@ -150,7 +148,7 @@ def run_edit(args):
         lengths=lengths,
         seed=args.seed,
         chat_template_kwargs=args.chat_template_config,
-        **params,
+        params=params,
     )
     # Exactly the edited text: no newline added after it.
     with cli.make_view(args, final_newline=False) as view:
@@ -159,7 +157,7 @@ def run_edit(args):
                 if to_stdout:
                     view.write(last.text)
             elif view.wants_draft():
-                status = f"canvas {last.window + 1}, step {last.max_denoising_steps - last.step + 1}"
+                status = f"canvas {last.window + 1}, step {last.step}"
                 view.draft_parts(last.draft_parts(context=True), status)
     if args.in_place:
         files.write_text(Path(args.file), last.text)

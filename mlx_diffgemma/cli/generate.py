@@ -4,8 +4,9 @@ import argparse
 
 from .. import cli
 from ..chat_template import plain_ids, render
-from ..generate import Progress, SamplerParams, print_stats, stream_generate
+from ..generate import stream_generate
 from ..infill import end_of_turn, stream_infill
+from ..stats import Progress, print_stats
 
 DEFAULT_PROMPT = "hello"
 DEFAULT_MAX_TOKENS = 256
@@ -98,8 +99,7 @@ def run_generate(args):
         # As chat and the server do: the prompt's text never becomes control tokens.
         prompt = render(tokenizer, messages, True, **template_kwargs)
 
-    params = cli.sampler_params(args)
-    SamplerParams.resolve(model, **params)  # bad settings fail before the view opens
+    params = cli.resolve_sampler(args, model)
     if suffix is not None:
         # With the template the suffix is the end of the answer: plain text, then the turn's end.
         suffix = plain_ids(tokenizer, suffix) + end_of_turn(tokenizer) if chat else suffix
@@ -108,7 +108,7 @@ def run_generate(args):
     view = cli.make_view(args)
     last = None
     with view:
-        for last in stream_generate(model, tokenizer, prompt, args.max_tokens, seed=args.seed, **params):
+        for last in stream_generate(model, tokenizer, prompt, args.max_tokens, seed=args.seed, params=params):
             progress.update(last)
             if last.token_ids or last.finish_reason:
                 view.write(last.text)
@@ -124,12 +124,12 @@ def run_infill(args, model, tokenizer, prefix, suffix, params):
     last = None
     with view:
         for last in stream_infill(
-            model, tokenizer, prefix, suffix, args.infill_length, args.seed, args.max_tokens, **params
+            model, tokenizer, prefix, suffix, args.infill_length, args.seed, args.max_tokens, params=params
         ):
             if last.finished:
                 view.write(last.text)
             elif view.wants_draft():
-                status = f"canvas {last.window + 1}, step {last.max_denoising_steps - last.step + 1}"
+                status = f"canvas {last.window + 1}, step {last.step}"
                 if args.infill_length is None and last.leading_length() is not None:
                     status += f", leading length {last.leading_length()}"
                 view.draft_parts(last.draft_parts(), status)

@@ -123,7 +123,7 @@ def run_server(args) -> int:
         raise ValueError("--queue-size and --prompt-cache-size must be >= 0")
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port {args.port}: must be in 0..65535")
-    sampler = cli.sampler_params(args)
+    sampler = cli.sampler_flags(args)  # resolved by the worker once the model is loaded
 
     worker = Worker(
         lambda: cli.load_for_generation(args.model, args.adapter_path),

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 from ..chat_template import TEMPLATE_ARGUMENTS
-from ..generate import SAMPLER_SETTINGS, check_seed, check_setting
 from ..infill import check_spans
+from ..prompts import check_seed
+from ..sampler_params import SAMPLER_SETTINGS, check_setting
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOP = 4  # as OpenAI

@@ -33,8 +33,10 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 
 from ..chat import ChatCache, commit_answer
 from ..chat_template import plain_ids, render
-from ..generate import SamplerParams, stream_generate, text_ids
+from ..generate import stream_generate
 from ..infill import stream_edit, stream_infill
+from ..prompts import text_ids
+from ..sampler_params import SamplerParams
 from .conversations import Conversations
 from .output import ChatOutput, StopStrings
 from .protocol import (
@@ -260,7 +262,7 @@ class Worker:
                 request.max_tokens,
                 seed=request.seed,
                 prompt_cache=None if chat_cache is None else chat_cache.cache,
-                **dict(self.settings.sampler_defaults, **request.sampler),
+                params=self._params(request),
             )
             # Errors the prompt can cause (too long for the context) come with the first step.
             first = next(stream)
@@ -283,8 +285,7 @@ class Worker:
             committed = bool(response.token_ids) or response.finish_reason is not None
             if not committed:
                 if request.include_drafts:
-                    steps = response.max_denoising_steps - response.step + 1
-                    draft = {"text": response.draft, "canvas": response.canvas_index, "step": steps}
+                    draft = {"text": response.draft, "canvas": response.canvas_index, "step": response.step}
                     job.send("chunk", self._chunk(request, response_id, created, response.row, {}, None, draft))
                 yield False
                 continue
@@ -352,8 +353,12 @@ class Worker:
             )
             self.conversations.put(rendered, chat_cache)
 
+    def _params(self, request: Request) -> SamplerParams:
+        """The request's sampler settings over the server's, resolved once."""
+        return SamplerParams.resolve(self.model, **dict(self.settings.sampler_defaults, **request.sampler))
+
     def _fill_stream(self, request: Request):
-        sampler = dict(self.settings.sampler_defaults, **request.sampler)
+        sampler = self._params(request)
         if request.kind == "edit":
             return stream_edit(
                 self.model,
@@ -363,7 +368,7 @@ class Worker:
                 request.instruction,
                 seed=request.seed,
                 chat_template_kwargs=request.template_kwargs,
-                **sampler,
+                params=sampler,
             )
         return stream_infill(
             self.model,
@@ -373,7 +378,7 @@ class Worker:
             request.infill_length,
             seed=request.seed,
             max_tokens=request.max_tokens,
-            **sampler,
+            params=sampler,
         )
 
     def _run_fill(self, job: Job) -> Iterator[bool]:
@@ -394,11 +399,10 @@ class Worker:
             if last.finished:
                 break
             if request.include_drafts and request.kind == "completion":  # OpenAI's chunks carry drafts
-                steps = last.max_denoising_steps - last.step + 1
                 draft = {
                     "text": "".join(t for t, fixed in last.draft_parts() if not fixed),
                     "canvas": last.window,
-                    "step": steps,
+                    "step": last.step,
                 }
                 job.send("chunk", self._chunk(request, response_id, created, 0, {}, None, draft))
             yield last.window != window

@@ -196,7 +196,7 @@ def losses(model, batch: Batch, autoregressive: bool = True):
     mean over its own tokens."""
     cache = encoder_cache(model)
     hidden = model.encode(batch.tokens, cache)
-    context = BlockContext(cache, batch.starts, model._sliding, model.args.sliding_window)
+    context = BlockContext(cache, batch.starts, model.sliding_layers, model.args.sliding_window)
 
     signal = batch.self_conditioning if batch.any_self_conditioning else None
     logits = decoder_logits(model, batch.canvas, context, signal)
