@@ -15,7 +15,8 @@ def _quiet_interrupt(kind, value, traceback, previous=sys.excepthook):
 # command's own handler (cli.run) is there. Only for our commands: an app that
 # imports the package keeps its own hook. ("-m" is argv[0] while `python -m
 # mlx_diffgemma.X` imports this package.)
-if sys.argv[:1] == ["-m"] or Path(sys.argv[0] if sys.argv else "").name.startswith("mlx_diffgemma."):
+_script = Path(sys.argv[0] if sys.argv else "").name
+if sys.argv[:1] == ["-m"] or _script == "mlx_diffgemma" or _script.startswith("mlx_diffgemma."):
     sys.excepthook = _quiet_interrupt
 
 # The command-line stubs first: each shares its name with a function exported

@@ -683,3 +683,37 @@ def test_write_text_puts_a_whole_file_in_place(tmp_path):
         files.write_text(path, "over")
     assert path.read_bytes() == b"new\r\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh.txt", "out.txt"]  # no temporary left
+
+
+# -- One dispatcher: `mlx_diffgemma <command>` ---------------------------------------
+
+
+def test_the_dispatcher_lists_runs_and_refuses_commands(model_dir):
+    from mlx_diffgemma.cli.main import COMMANDS
+
+    listed = run("-m", "mlx_diffgemma")
+    assert listed.returncode == 2 and listed.stdout.startswith("usage: mlx_diffgemma <command>")
+    assert all(f"  {command} " in listed.stdout for command in COMMANDS)
+    assert run("-m", "mlx_diffgemma", "--help").returncode == 0
+
+    unknown = run("-m", "mlx_diffgemma", "generat")
+    assert unknown.returncode == 2 and unknown.stdout == ""
+    assert error_lines(unknown) == [
+        f"mlx_diffgemma: error: unknown command 'generat' (commands: {', '.join(COMMANDS)})"
+    ]
+
+    # Every command behind it, its usage naming it as typed; the old form names itself.
+    for command in COMMANDS:
+        shown = run("-W", "error", "-m", "mlx_diffgemma", command, "--help")
+        assert shown.returncode == 0 and shown.stderr == "", (command, shown.stderr)
+        assert shown.stdout.startswith(f"usage: mlx_diffgemma {command} "), command
+    assert run("-m", "mlx_diffgemma.fuse", "--help").stdout.startswith("usage: mlx_diffgemma.fuse ")
+
+    # The same command either way: the same text for the same seed, and the same one-line errors.
+    args = ["--model", model_dir, "--prompt", "hello", "--seed", "3", *FAST, "--no-live"]
+    dispatched = run("-m", "mlx_diffgemma", "generate", *args)
+    direct = run("-m", "mlx_diffgemma.generate", *args)
+    assert dispatched.returncode == direct.returncode == 0, dispatched.stderr
+    assert dispatched.stdout == direct.stdout and dispatched.stdout.strip()
+    bad = run("-m", "mlx_diffgemma", "generate", "--model", model_dir, "--max-denoising-steps", "0")
+    assert bad.returncode == 2 and len(error_lines(bad)) == 1 and "--max-denoising-steps" in bad.stderr

@@ -379,3 +379,39 @@ def test_console_scripts_point_at_the_commands():
         module, _, function = target.partition(":")
         assert module == f"mlx_diffgemma.cli.{name.split('.')[-1]}"
         assert callable(getattr(importlib.import_module(module), function)), target
+
+
+# -- Sampler settings resolved once -------------------------------------------------
+
+
+def test_settings_are_resolved_once_and_passed_down(checkpoint, monkeypatch):
+    """params= gives what the same keywords give; given params, no entry point
+    (infilling's no-suffix path through stream_generate included) resolves again;
+    params and keywords together, or a bad directly built SamplerParams, are refused."""
+    from mlx_diffgemma.infill import stream_infill
+
+    _, model, tokenizer = checkpoint
+    settings = dict(max_denoising_steps=3, t_min=0.3, t_max=0.9)
+    by_keywords = mlx_diffgemma.generate(model, tokenizer, "hello", max_tokens=8, seed=5, **settings)
+    params = SamplerParams.resolve(model, **settings)
+
+    resolved = []
+    original = SamplerParams.resolve.__func__
+    monkeypatch.setattr(
+        SamplerParams, "resolve", classmethod(lambda cls, *a, **k: resolved.append(k) or original(cls, *a, **k))
+    )
+    assert mlx_diffgemma.generate(model, tokenizer, "hello", max_tokens=8, seed=5, params=params) == by_keywords
+    for _ in stream_infill(model, tokenizer, "hello", "", 4, seed=5, params=params):
+        pass
+    assert resolved == []
+    for _ in stream_infill(model, tokenizer, "hello", "", 4, seed=5, **settings):
+        pass
+    assert resolved == [settings]  # once, at the entry, not again in stream_generate
+
+    with pytest.raises(TypeError, match="not both"):
+        mlx_diffgemma.generate(model, tokenizer, "hello", params=params, max_denoising_steps=2)
+    with pytest.raises(ValueError, match="max_denoising_steps must be >= 1"):
+        mlx_diffgemma.generate(model, tokenizer, "hello", params=SamplerParams(max_denoising_steps=0))
+    # Built directly, the end-of-sequence and pad ids are the model's.
+    direct = SamplerParams(**settings).for_model(model)
+    assert direct.eos_token_id == params.eos_token_id and direct.pad_token_id == params.pad_token_id

@@ -24,6 +24,16 @@ from ..utils import DEFAULT_MODEL, LoadError, is_hub_id, load
 
 CONVERT_COMMAND = "python -m mlx_diffgemma.convert --q-bits 4"
 
+# Set by the dispatcher (``mlx_diffgemma <command>``, ``cli.main``) to the name it
+# was run as, so a command's usage names it as the user typed it.
+DISPATCHER: Optional[str] = None
+
+
+def prog(command: str, alias: str) -> str:
+    """A command's name in its usage: ``mlx_diffgemma generate`` through the
+    dispatcher, else ``alias`` (``mlx_diffgemma.generate``, its own entry point)."""
+    return f"{DISPATCHER} {command}" if DISPATCHER else alias
+
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with one-line errors: the usage is a screenful, --help shows it."""

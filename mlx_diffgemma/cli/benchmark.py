@@ -9,12 +9,12 @@ from ..benchmark.compare import COMPARISONS
 from ..benchmark.work import VARIANTS
 from ..convert import RECIPES
 from ..files import write_text
-from . import ArgumentParser, run
+from . import ArgumentParser, prog, run
 
 
 def setup_arg_parser() -> ArgumentParser:
     parser = ArgumentParser(
-        prog="python -m mlx_diffgemma.benchmark",
+        prog=prog("benchmark", "python -m mlx_diffgemma.benchmark"),
         description="Benchmark DiffusionGemma generation with MLX. On Linux, preload "
         "OpenBLAS for MLX's CPU backend: LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3",
     )

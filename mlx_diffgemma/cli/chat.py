@@ -27,7 +27,7 @@ COMMAND = re.compile(r"/[A-Za-z][\w-]*(?=\s|$)")
 
 def setup_arg_parser():
     parser = cli.ArgumentParser(
-        prog="mlx_diffgemma.chat",
+        prog=cli.prog("chat", "mlx_diffgemma.chat"),
         description="Chat with DiffusionGemma in the terminal. The conversation stays\n"
         "encoded between turns, so each turn encodes only its new message.",
         epilog=COMMANDS,

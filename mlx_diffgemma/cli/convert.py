@@ -5,12 +5,12 @@ import signal
 
 from ..convert import DTYPES, MODES, RECIPES, convert
 from ..utils import DEFAULT_MODEL
-from . import ArgumentParser, run
+from . import ArgumentParser, prog, run
 
 
 def configure_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
-        prog="python -m mlx_diffgemma.convert",
+        prog=prog("convert", "python -m mlx_diffgemma.convert"),
         description=(
             "Convert DiffusionGemma from the Hugging Face Hub (or a local directory) to "
             "MLX, optionally quantized. Converts tensor by tensor: memory stays well "

@@ -38,7 +38,7 @@ def span_argument(text: str) -> Tuple[int, int, Optional[int]]:
 
 def setup_arg_parser():
     parser = cli.ArgumentParser(
-        prog="mlx_diffgemma.edit",
+        prog=cli.prog("edit", "mlx_diffgemma.edit"),
         description=EDIT_DESCRIPTION,
         epilog=EDIT_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,

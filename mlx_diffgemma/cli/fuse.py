@@ -8,7 +8,7 @@ INTERRUPTED = "fuse interrupted; nothing was written"
 
 def setup_arg_parser():
     parser = cli.ArgumentParser(
-        prog="mlx_diffgemma.fuse",
+        prog=cli.prog("fuse", "mlx_diffgemma.fuse"),
         description="Merge adapters trained by mlx_diffgemma.lora into a model directory.",
     )
     parser.add_argument(

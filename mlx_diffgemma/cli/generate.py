@@ -30,7 +30,7 @@ fit in this machine's memory, convert a 4-bit copy first:
 
 def setup_arg_parser():
     parser = cli.ArgumentParser(
-        prog="mlx_diffgemma.generate",
+        prog=cli.prog("generate", "mlx_diffgemma.generate"),
         description=GENERATE_DESCRIPTION,
         epilog=GENERATE_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,

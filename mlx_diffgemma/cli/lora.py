@@ -54,7 +54,7 @@ _COUNTS_OR_ALL = ("val_batches", "test_batches", "num_layers")
 
 def setup_arg_parser():
     parser = cli.ArgumentParser(
-        prog="mlx_diffgemma.lora",
+        prog=cli.prog("lora", "mlx_diffgemma.lora"),
         description="Fine-tune DiffusionGemma (LoRA, DoRA or full) with the block-diffusion objective.",
     )
     parser.add_argument("--model", metavar="PATH_OR_REPO", help="Model directory or Hugging Face repo.")

@@ -25,7 +25,7 @@ def byte_size(text: str) -> int:
 
 def setup_arg_parser():
     parser = cli.ArgumentParser(
-        prog="mlx_diffgemma.server",
+        prog=cli.prog("server", "mlx_diffgemma.server"),
         description="Serve DiffusionGemma over an OpenAI-compatible HTTP API, with a page at / "
         "where the canvas visibly denoises.",
     )
