@@ -7,8 +7,8 @@ leaves the cache untouched. The weights exist once.
 """
 
 import math
-from functools import partial
-from typing import Any, Dict, List, Optional
+from functools import cached_property, partial
+from typing import Any, Dict, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -269,10 +269,10 @@ class Model(nn.Module):
     def canvas_length(self) -> int:
         return self.args.canvas_length
 
-    @property
-    def sliding_layers(self) -> List[bool]:
+    @cached_property  # read by every forward pass; kept out of the module's parameter tree
+    def sliding_layers(self) -> Tuple[bool, ...]:
         """Per layer: whether it attends to a sliding window (else to the whole context)."""
-        return [t == "sliding_attention" for t in self.args.layer_types]
+        return tuple(t == "sliding_attention" for t in self.args.layer_types)
 
     def make_cache(self) -> PromptCache:
         keep = self.args.sliding_window - 1
@@ -291,13 +291,12 @@ class Model(nn.Module):
         masks = cache.key_masks(length)
         if masks is not None:  # a training context, with its own rule per row
             return masks
-        sliding_layers = self.sliding_layers
         positions = mx.arange(cache.offset, cache.offset + length)
         masks = {}
         for sliding in (True, False):
-            if sliding not in sliding_layers:
+            if sliding not in self.sliding_layers:
                 continue
-            c = cache[sliding_layers.index(sliding)]
+            c = cache[self.sliding_layers.index(sliding)]
             keys = mx.arange(c.start, cache.offset + length)
             window = self.args.sliding_window if sliding else None
             masks[sliding] = _key_mask(positions, keys, causal, window, cache.left_padding)
