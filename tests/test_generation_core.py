@@ -375,6 +375,8 @@ def test_console_scripts_point_at_the_commands():
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     scripts = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["project"]["scripts"]
     assert set(scripts) >= {f"mlx_diffgemma.{name}" for name in ("generate", "chat", "convert", "benchmark")}
+    # The dispatcher (`mlx_diffgemma <command>`), then one script per command.
+    assert scripts.pop("mlx_diffgemma") == "mlx_diffgemma.cli.main:main"
     for name, target in scripts.items():
         module, _, function = target.partition(":")
         assert module == f"mlx_diffgemma.cli.{name.split('.')[-1]}"
