@@ -23,7 +23,8 @@ from reference import build_reference
 from tokenizer_fixture import write_test_tokenizer
 
 from mlx_diffgemma import cli, files, live
-from mlx_diffgemma.thinking import ThoughtFormatter
+from mlx_diffgemma.server.output import ChatOutput
+from mlx_diffgemma.thinking import ThoughtFormatter, split_thinking
 from mlx_diffgemma.utils import LoadError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -349,6 +350,65 @@ def test_thoughts_are_labelled_apart_from_the_answer():
     f = ThoughtFormatter()
     assert f.preview("<|channel>thought\nhm<channel|>Yes") == "Thought:\nhm\n\nYes"
     assert f.feed("Yes") == [("answer", "Yes")]
+
+
+# Generated text as it may arrive: thoughts around a tool call, a name that is
+# not the channel's, stray and partial markers, an end of turn.
+THOUGHT_TEXTS = [
+    "<|channel>thought\nLet me see. \n\nOK<channel|>\n\nHello!<turn|>ignored",
+    "<|channel>thoughtful words<channel|>ok",
+    "<|channel>thought\nA<channel|>Look.<|tool_call>call:f{a:1}<tool_call|><|channel>thought\nB<channel|> Done<eos>",
+    "<|channel>thought\nx<channel|>An answer <channel|> here, <|chan",
+    "<|channel>thought\nstill thinking <|channel> on",
+    "<|channel>thought",
+    "Hi<tu",
+]
+
+
+def pieces_of(text, split):
+    """``text`` cut at ``split``: a list of positions, or "chars" for one piece a character."""
+    if split == "chars":
+        return list(text)
+    return [text[a:b] for a, b in zip([0] + split, split + [len(text)])]
+
+
+def chat_output(pieces):
+    out, fields = ChatOutput(), {}
+    for delta in [out.feed(p) for p in pieces] + [out.finish()]:
+        for name, value in delta.items():
+            fields[name] = fields.get(name, "" if name != "tool_calls" else []) + value
+    return fields
+
+
+def formatted(pieces):
+    f = ThoughtFormatter()
+    return [p for chunk in [f.feed(p) for p in pieces] + [f.finish()] for p in chunk]
+
+
+@pytest.mark.parametrize("text", THOUGHT_TEXTS)
+def test_every_reader_of_the_thought_channel_agrees_however_the_text_streams(text):
+    # What the whole text says, read at once by split_thinking; the server's
+    # fields for the text without its tool call, which goes to tool_calls.
+    # (A text whose first marker is a channel end, after a prompt that opened
+    # the channel, is read so only when whole: a stream cannot know it yet.)
+    thought, answer = split_thinking(text)
+    without_call = text.replace("<|tool_call>call:f{a:1}<tool_call|>", "")
+    want = {"reasoning_content": split_thinking(without_call)[0] or "", "content": split_thinking(without_call)[1]}
+    want_calls = ["f"] if without_call != text else []
+    shown = "".join(piece for _, piece in formatted([text]))
+    for split in ["chars"] + [[k] for k in range(len(text) + 1)]:
+        pieces = pieces_of(text, split)
+        fields = chat_output(pieces)
+        got = {name: fields.get(name, "") for name in want}
+        assert got == want, (text, split)
+        assert [c["function"]["name"] for c in fields.get("tool_calls", [])] == want_calls
+        assert "".join(piece for _, piece in formatted(pieces)) == shown, (text, split)
+    if not want_calls:
+        assert (thought or "", answer) == (want["reasoning_content"], want["content"])
+    # The chat command shows the same thoughts and answer, labelled (a line
+    # break where a thought left the answer).
+    for body in (thought or "").split("\n") + answer.split():
+        assert body in shown
 
 
 # -- the live view ------------------------------------------------------------

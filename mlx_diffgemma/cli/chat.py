@@ -154,6 +154,8 @@ def run_chat(args):
                             view.write(piece, thought_style if kind == "thought" else None)
                     elif view.wants_draft():
                         view.draft(formatter.preview(last.draft), progress.status(last))
+                for kind, piece in formatter.finish():  # a tail held back as a possible marker
+                    view.write(piece, thought_style if kind == "thought" else None)
         except (KeyboardInterrupt, ValueError) as e:
             # The cache may hold part of this turn: forget it, and the message.
             messages.pop()
