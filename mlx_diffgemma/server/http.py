@@ -26,7 +26,8 @@ from importlib import resources
 from typing import Optional, Tuple
 from urllib.parse import unquote
 
-from .protocol import APIError, InfillResult, check_body, envelope, infill_body, new_id, parse_request, select_fields
+from .fields import APIError, check_body
+from .protocol import parse_request
 from .worker import Job, Worker
 
 log = logging.getLogger("mlx_diffgemma.server")
@@ -276,8 +277,8 @@ class Handler(BaseHTTPRequestHandler):
                 self._served(request.model)
             self.worker.check_limits(request)
             if request.warm_up:
-                # We keep no infill cache to warm: answered at once, as llama.cpp answers it.
-                return self._json(200, self._warm_up(request))
+                n_ctx = self.worker.model.args.max_position_embeddings
+                return self._json(200, request.warm_up_answer(self.worker.settings.model_id, n_ctx))
             self.worker.prepare(request)
             job = Job(request)
             self.worker.submit(job)
@@ -288,11 +289,6 @@ class Handler(BaseHTTPRequestHandler):
         except OSError:  # the client went away (or stopped reading) while being answered
             job.cancel()
             self.close_connection = True
-
-    def _warm_up(self, request) -> dict:
-        base = envelope(request, new_id(request.kind), self.worker.settings.model_id)
-        n_ctx = self.worker.model.args.max_position_embeddings
-        return select_fields(infill_body(base, request, InfillResult(), n_ctx), request.response_fields)
 
     def _unauthorized(self):
         self._error(
@@ -348,7 +344,7 @@ class Handler(BaseHTTPRequestHandler):
                     self.wfile.write(b"data: " + dumps(payload.body()) + b"\n\n")
                 elif kind in ("end", "gone"):
                     break
-            if kind == "end" and job.request.kind != "infill":  # llama.cpp's /infill stream has no [DONE]
+            if kind == "end" and job.request.SENDS_DONE:
                 self.wfile.write(b"data: [DONE]\n\n")
                 self.wfile.flush()
         except OSError:  # a hang-up, or a client that stopped reading for request_timeout

@@ -10,17 +10,14 @@ the same thing.
 """
 
 import json
-import re
-from typing import Any, Dict, List
+import secrets
+from typing import Any, Dict, List, Optional
 
 from mlx_lm.tool_parsers import gemma4
 
-from ..thinking import CHANNEL_END, CHANNEL_START
-from .protocol import tool_call_id
+from ..thinking import Piece, ThoughtParser, partial_marker
 
 TOOL_START, TOOL_END = gemma4.tool_call_start, gemma4.tool_call_end
-_MARKERS = re.compile("(" + "|".join(re.escape(m) for m in (CHANNEL_START, CHANNEL_END, TOOL_START, TOOL_END)) + ")")
-THOUGHT_NAME = "thought"  # the channel's name, written right after <|channel>
 
 
 class StopStrings:
@@ -44,103 +41,163 @@ class StopStrings:
             return text[:at]
         if final:
             return text
-        # Hold back the longest tail that a stop string starts with.
-        keep = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        keep = partial_marker(text, self.stops)
         if keep:
             self.held = text[-keep:]
             return text[:-keep]
         return text
 
 
-class _Field:
-    """One text field of the answer: surrounding whitespace dropped, even when streamed."""
-
-    def __init__(self):
-        self.started = False
-        self.held = ""  # trailing whitespace, sent only if more text follows
-
-    def add(self, text: str) -> str:
-        if not self.started:
-            text = text.lstrip()
-            if not text:
-                return ""
-            self.started = True
-        kept = text.rstrip()
-        if not kept:
-            self.held += text
-            return ""
-        out, self.held = self.held + kept, text[len(kept) :]
-        return out
-
-
 class ChatOutput:
-    """Gemma 4's generated text as OpenAI message deltas."""
+    """Gemma 4's generated text as OpenAI message deltas.
+
+    Tool calls are taken out first; the rest is read by the thought channel's
+    one parser (``thinking.ThoughtParser``), thoughts to ``reasoning_content``
+    (several joined by a newline, as ``split_thinking`` joins them) and the
+    answer to ``content``.
+    """
 
     def __init__(self):
-        self.mode = "content"  # or "thought", "tool"
-        self.name_pending = False
+        self.thoughts = ThoughtParser()
+        self.in_tool = False
+        self.pending = ""  # a tail that may start a tool-call marker
         self.tool_text = ""
         self.tool_calls: List[Dict[str, Any]] = []
-        self.fields = {"content": _Field(), "reasoning_content": _Field()}
+        self.reasoning_started = False
+        self.new_thought = False
 
     def feed(self, text: str) -> Dict[str, Any]:
         """The delta for ``text``: any of ``content``, ``reasoning_content``, ``tool_calls``."""
         delta: Dict[str, Any] = {}
-        for k, piece in enumerate(_MARKERS.split(text)):
-            if k % 2:
-                self._marker(piece, delta)
-            elif piece:
-                self._text(piece, delta)
+        text = self.pending + text
+        self.pending = ""
+        while text and not self.thoughts.ended:
+            marker = TOOL_END if self.in_tool else TOOL_START
+            at = text.find(marker)
+            body = text if at < 0 else text[:at]
+            if at < 0:
+                keep = partial_marker(body, (marker,))
+                if keep:
+                    body, self.pending = body[:-keep], body[-keep:]
+            if self.in_tool:
+                self.tool_text += body
+            else:
+                self._read(self.thoughts.feed(body), delta)
+            if at < 0:
+                break
+            text = text[at + len(marker) :]
+            if self.in_tool:
+                self._call(delta)
+            else:
+                self._read(self.thoughts.finish(), delta)  # a tool call ends any held tail
+                self.in_tool, self.tool_text = True, ""
         return delta
 
     def finish(self) -> Dict[str, Any]:
         """What is left once the text ends (an unclosed tool call is text)."""
         delta: Dict[str, Any] = {}
-        if self.mode == "tool":
-            self._add("content", TOOL_START + self.tool_text, delta)
-            self.mode, self.tool_text = "content", ""
+        text, self.pending = self.pending, ""
+        if self.in_tool:
+            self.in_tool, text = False, TOOL_START + self.tool_text + text
+        self._read(self.thoughts.feed(text) + self.thoughts.finish(), delta)
         return delta
 
-    def _add(self, name: str, text: str, delta: Dict[str, Any]):
-        out = self.fields[name].add(text)
-        if out:
-            delta[name] = delta.get(name, "") + out
-
-    def _text(self, text: str, delta: Dict[str, Any]):
-        if self.mode == "tool":
-            self.tool_text += text
+    def _call(self, delta: Dict[str, Any]):
+        self.in_tool = False
+        calls = parse_tool_calls(self.tool_text)
+        if calls is None:  # not a call: it stays text
+            self._read(self.thoughts.feed(TOOL_START + self.tool_text + TOOL_END), delta)
             return
-        if self.mode == "thought":
-            if self.name_pending:
-                self.name_pending = False
-                if text.startswith(THOUGHT_NAME):
-                    text = text[len(THOUGHT_NAME) :]
-            self._add("reasoning_content", text, delta)
-            return
-        self._add("content", text, delta)
+        start = len(self.tool_calls)
+        self.tool_calls += calls
+        delta.setdefault("tool_calls", []).extend(dict(call, index=start + i) for i, call in enumerate(calls))
 
-    def _marker(self, marker: str, delta: Dict[str, Any]):
-        if marker == CHANNEL_START and self.mode == "content":
-            self.mode, self.name_pending = "thought", True
-            reasoning = self.fields["reasoning_content"]
-            if reasoning.started:
-                reasoning.held = "\n"  # a second thought starts a new line
-        elif marker == CHANNEL_END and self.mode == "thought":
-            self.mode = "content"
-        elif marker == TOOL_START and self.mode != "tool":
-            self.mode, self.tool_text = "tool", ""
-        elif marker == TOOL_END and self.mode == "tool":
-            self.mode = "content"
-            calls = parse_tool_calls(self.tool_text)
-            if calls is None:
-                self._add("content", TOOL_START + self.tool_text + TOOL_END, delta)
+    def _read(self, pieces: List[Piece], delta: Dict[str, Any]):
+        for kind, text in pieces:
+            if kind == "open":
+                self.new_thought = True
+            elif kind == "thought":
+                if self.new_thought and self.reasoning_started:
+                    text = "\n" + text
+                self.new_thought, self.reasoning_started = False, True
+                delta["reasoning_content"] = delta.get("reasoning_content", "") + text
+            elif kind == "answer":
+                delta["content"] = delta.get("content", "") + text
+
+
+class TextAnswer:
+    """One choice of a completion (a batch row), as its text commits."""
+
+    def __init__(self, stops: StopStrings):
+        self.stops = stops
+        self.text = ""
+        self.finish_reason: Optional[str] = None
+        self.generation_tokens = 0
+        self.tokens_per_forward = 0.0
+
+    def add(self, response) -> Dict[str, Any]:
+        """The delta for a committed canvas (``response``: a GenerationResponse);
+        sets ``finish_reason`` once the row ends, by itself or at a stop string."""
+        self.generation_tokens = response.generation_tokens
+        self.tokens_per_forward = response.tokens_per_forward
+        final = response.finish_reason is not None
+        text = self.stops.feed(response.text, final=final)
+        final = final or self.stops.stopped
+        delta = self._delta(text, final)
+        if final:
+            self.finish_reason = self._reason(response.finish_reason)
+        return delta
+
+    def _delta(self, text: str, final: bool) -> Dict[str, Any]:
+        self.text += text
+        return {"text": text} if text else {}
+
+    def _reason(self, reason: str) -> str:
+        return "stop" if self.stops.stopped else reason
+
+
+class ChatAnswer(TextAnswer):
+    """One choice of a chat completion: its message so far, and the deltas."""
+
+    def __init__(self, stops: StopStrings):
+        super().__init__(stops)
+        self.output = ChatOutput()
+        self.message: Dict[str, Any] = {}  # the fields so far
+        self.started = False  # a stream's first delta carries the role
+
+    def _delta(self, text: str, final: bool) -> Dict[str, Any]:
+        delta = self.output.feed(text)
+        if final:
+            for name, value in self.output.finish().items():
+                delta[name] = delta.get(name, "") + value
+        for name, value in delta.items():
+            if name == "tool_calls":
+                self.message.setdefault("tool_calls", []).extend(
+                    {k: v for k, v in call.items() if k != "index"} for call in value
+                )
             else:
-                start = len(self.tool_calls)
-                self.tool_calls += calls
-                delta.setdefault("tool_calls", []).extend(dict(call, index=start + i) for i, call in enumerate(calls))
-        elif self.mode == "tool":
-            self.tool_text += marker
-        # A stray marker elsewhere (a channel end outside a thought) is dropped.
+                self.message[name] = self.message.get(name, "") + value
+        if not self.started:
+            self.started = True
+            delta = dict({"role": "assistant", "content": ""}, **delta)
+        return delta
+
+    def _reason(self, reason: str) -> str:
+        return "tool_calls" if self.output.tool_calls else super()._reason(reason)
+
+    def message_body(self) -> Dict[str, Any]:
+        """The choice's ``message`` in a whole (not streamed) answer."""
+        message = {"role": "assistant", "content": self.message.get("content", "")}
+        if "reasoning_content" in self.message:
+            message["reasoning_content"] = self.message["reasoning_content"]
+        if self.message.get("tool_calls"):
+            message["tool_calls"] = self.message["tool_calls"]
+            message["content"] = message["content"] or None
+        return message
+
+
+def tool_call_id() -> str:
+    return "call_" + secrets.token_hex(12)
 
 
 def parse_tool_calls(text: str):

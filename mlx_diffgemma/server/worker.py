@@ -29,27 +29,15 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, Optional
 
 from ..chat import ChatCache, commit_answer
-from ..chat_template import plain_ids, render
+from ..chat_template import render
 from ..generate import stream_generate
-from ..infill import stream_edit, stream_infill
-from ..prompts import text_ids
 from ..sampler_params import SamplerParams
 from .conversations import Conversations
-from .output import ChatOutput, StopStrings
-from .protocol import (
-    APIError,
-    InfillResult,
-    Request,
-    Usage,
-    cut_at_indent,
-    envelope,
-    infill_body,
-    new_id,
-    select_fields,
-)
+from .fields import APIError
+from .protocol import Request, Usage
 
 log = logging.getLogger("mlx_diffgemma.server")
 
@@ -89,20 +77,6 @@ class Settings:
     max_concurrency: int = 8
     queue_size: int = 32
     sampler_defaults: Dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class _Row:
-    """One choice of the answer (a batch row)."""
-
-    stops: StopStrings
-    output: Optional[ChatOutput]
-    text: str = ""  # completions
-    message: Dict[str, Any] = field(default_factory=dict)  # chat: the fields so far
-    finish_reason: Optional[str] = None
-    generation_tokens: int = 0
-    tokens_per_forward: float = 0.0
-    started: bool = False  # chat streams: the role chunk was sent
 
 
 class Worker:
@@ -159,30 +133,9 @@ class Worker:
             )
 
     def prepare(self, request: Request):
-        """Tokenize the request's text on the calling (HTTP) thread: the chat
-        template's ids, a prompt's, a prefix's and suffix's. An edit's text is
-        tokenized in pieces when it runs; here only its size is checked."""
-        tokenizer = self.tokenizer
+        """Tokenize the request's text on the calling (HTTP) thread."""
         try:
-            if request.kind == "chat":
-                request.prompt = render(
-                    tokenizer, request.messages, True, tools=request.tools, **request.template_kwargs
-                )
-            elif request.kind == "edit":
-                n, context = len(plain_ids(tokenizer, request.text)), self.model.args.max_position_embeddings
-                if n > context:
-                    raise ValueError(f"'text' is {n} tokens, more than the model's context of {context}")
-            elif request.kind == "infill":
-                # As llama.cpp's /infill reads a document: plain text (nothing in a file
-                # becomes a control token), the prefix after <bos>.
-                bos = getattr(tokenizer, "bos_token_id", None)
-                request.prompt = ([bos] if bos is not None else []) + plain_ids(tokenizer, request.prompt)
-                request.suffix = plain_ids(tokenizer, request.suffix) if request.suffix else ""
-            else:  # completions: raw text as stream_generate reads it, after <bos>
-                if isinstance(request.prompt, str) and request.prompt:
-                    request.prompt = text_ids(tokenizer, request.prompt)
-                if request.suffix:
-                    request.suffix = text_ids(tokenizer, request.suffix, bos=False)
+            request.prepare(self.tokenizer, self.model.args.max_position_embeddings)
         except INPUT_ERRORS as e:
             raise input_error(e) from None
 
@@ -236,7 +189,7 @@ class Worker:
     def _prompt(self, request: Request):
         """(ids or text to encode, the chat cache to encode them into or None,
         ids of the whole prompt or None, how many of those are cached)."""
-        if request.kind == "completion":
+        if not request.KEEPS_CONVERSATION:
             return request.prompt, None, None, 0
         full = request.prompt  # the template's ids (prepare)
         if request.n > 1:  # rows of one batch: a fresh batch cache, nothing kept
@@ -272,9 +225,8 @@ class Worker:
         job.send("start")
         yield False
 
-        chat = request.kind == "chat"
-        answer = [_Row(StopStrings(request.stop), ChatOutput() if chat else None) for _ in range(request.n)]
-        response_id, created = new_id(request.kind), int(time.time())
+        answer = [request.answer() for _ in range(request.n)]
+        reply = request.reply(self.settings.model_id)
         prompt_tokens = len(full) if full is not None else first.prompt_tokens
         last, finished = first, 0
         for response in itertools.chain([first], stream):
@@ -282,32 +234,17 @@ class Worker:
             row = answer[response.row]
             if row.finish_reason is not None:
                 continue
-            committed = bool(response.token_ids) or response.finish_reason is not None
-            if not committed:
+            if not (response.token_ids or response.finish_reason is not None):  # a step, not a commit
                 if request.include_drafts:
                     draft = {"text": response.draft, "canvas": response.canvas_index, "step": response.step}
-                    job.send("chunk", self._chunk(request, response_id, created, response.row, {}, None, draft))
+                    job.send("chunk", request.chunk(reply, response.row, {}, None, draft))
                 yield False
                 continue
-            row.generation_tokens = response.generation_tokens
-            row.tokens_per_forward = response.tokens_per_forward
-            final = response.finish_reason is not None
-            text = row.stops.feed(response.text, final=final)
-            if row.stops.stopped:
-                final = True
-            delta = self._delta(row, text, final)
-            if final:
-                row.finish_reason = (
-                    "tool_calls"
-                    if chat and row.output.tool_calls
-                    else ("stop" if row.stops.stopped else response.finish_reason)
-                )
+            delta = row.add(response)
+            if row.finish_reason is not None:
                 finished += 1
-            if request.stream and (delta or final):
-                job.send(
-                    "chunk",
-                    self._chunk(request, response_id, created, response.row, delta, row.finish_reason),
-                )
+            if request.stream and (delta or row.finish_reason is not None):
+                job.send("chunk", request.chunk(reply, response.row, delta, row.finish_reason))
             if finished == request.n:
                 break
             yield True
@@ -320,18 +257,10 @@ class Worker:
             denoising_steps=last.denoising_steps,
             tokens_per_forward=sum(r.tokens_per_forward for r in answer) / len(answer),
         )
-        if request.stream:
-            if request.include_usage:
-                job.send(
-                    "chunk",
-                    dict(
-                        envelope(request, response_id, self.settings.model_id, created, True),
-                        choices=[],
-                        usage=usage.body(),
-                    ),
-                )
-        else:
-            job.send("response", self._response(request, response_id, created, answer, usage))
+        if not request.stream:
+            job.send("response", request.response(reply, answer, usage))
+        elif request.include_usage:
+            job.send("chunk", request.usage_chunk(reply, usage))
 
         natural = not answer[0].stops.stopped and last.finish_reason is not None
         if chat_cache is not None and natural:
@@ -358,28 +287,7 @@ class Worker:
         return SamplerParams.resolve(self.model, **dict(self.settings.sampler_defaults, **request.sampler))
 
     def _fill_stream(self, request: Request):
-        sampler = self._params(request)
-        if request.kind == "edit":
-            return stream_edit(
-                self.model,
-                self.tokenizer,
-                request.text,
-                request.spans,
-                request.instruction,
-                seed=request.seed,
-                chat_template_kwargs=request.template_kwargs,
-                params=sampler,
-            )
-        return stream_infill(
-            self.model,
-            self.tokenizer,
-            request.prompt,
-            request.suffix or "",
-            request.infill_length,
-            seed=request.seed,
-            max_tokens=request.max_tokens,
-            params=sampler,
-        )
+        return request.fill_stream(self.model, self.tokenizer, self._params(request))
 
     def _run_fill(self, job: Job) -> Iterator[bool]:
         """An infill or edit: drafts while it denoises (if asked), then the result.
@@ -393,115 +301,29 @@ class Worker:
             job.send("error", input_error(e))
             return
         job.send("start")
-        response_id, created = new_id(request.kind), int(time.time())
+        reply = request.reply(self.settings.model_id)
         last, window = first, 0
         for last in itertools.chain([first], stream):
             if last.finished:
                 break
-            if request.include_drafts and request.kind == "completion":  # OpenAI's chunks carry drafts
-                draft = {
-                    "text": "".join(t for t, fixed in last.draft_parts() if not fixed),
-                    "canvas": last.window,
-                    "step": last.step,
-                }
-                job.send("chunk", self._chunk(request, response_id, created, 0, {}, None, draft))
+            draft = request.fill_draft(reply, last)
+            if draft is not None:
+                job.send("chunk", draft)
             yield last.window != window
             window = last.window
         stream.close()
         elapsed_ms = 1000 * (time.perf_counter() - tic)
         # What the model read: the prompt, and the known text around the gaps it saw.
-        read = last.prompt_tokens + last.fixed_tokens
         written = last.length or 0
         usage = Usage(
-            prompt_tokens=read,
+            prompt_tokens=last.prompt_tokens + last.fixed_tokens,
             completion_tokens=written,
             cached_tokens=0,
             denoising_steps=last.denoising_steps,
             tokens_per_forward=written / max(last.denoising_steps, 1),
         )
-        body = envelope(request, response_id, self.settings.model_id, created)
-        if request.kind == "edit":  # an edit's text is returned whole
-            body.update(text=last.text, spans=[list(s) for s in last.spans], usage=usage.body())
-            return job.send("chunk" if request.stream else "response", body)
-        stops = StopStrings(request.stop)
-        text = stops.feed(last.text, final=True)
-        if request.kind == "infill":
-            text, indented = cut_at_indent(text, request.n_indent)
-            prompt_ms = 1000 * last.prompt_tokens / last.prompt_tps if last.prompt_tps else 0.0
-            result = InfillResult(
-                content=text,
-                stop_type="word" if stops.stopped else "limit" if indented else "eos",
-                stopping_word=stops.word,
-                prompt_n=read,
-                prompt_ms=prompt_ms,
-                predicted_n=written,
-                predicted_ms=max(elapsed_ms - prompt_ms, 0.0),
-                denoising_steps=last.denoising_steps,
-            )
-            body = infill_body(body, request, result, self.model.args.max_position_embeddings)
-            if not request.stream:
-                return job.send("response", select_fields(body, request.response_fields))
-            # As llama.cpp streams: the content, then a last event that stops.
-            job.send("chunk", {"content": text, "stop": False})
-            return job.send("chunk", select_fields(dict(body, content=""), request.response_fields))
-        choice = {"index": 0, "text": text, "finish_reason": "stop", "logprobs": None, "infill_length": last.length}
-        body.update(choices=[choice], usage=usage.body())
-        if not request.stream:
-            return job.send("response", body)
-        job.send("chunk", self._chunk(request, response_id, created, 0, {"text": text}, "stop"))
-        if request.include_usage:
-            usage_chunk = envelope(request, response_id, self.settings.model_id, created, True)
-            job.send("chunk", dict(usage_chunk, choices=[], usage=usage.body()))
-
-    def _delta(self, row: _Row, text: str, final: bool) -> Dict[str, Any]:
-        if row.output is None:
-            row.text += text
-            return {"text": text} if text else {}
-        delta = row.output.feed(text)
-        if final:
-            for name, value in row.output.finish().items():
-                delta[name] = delta.get(name, "") + value
-        for name, value in delta.items():
-            if name == "tool_calls":
-                row.message.setdefault("tool_calls", []).extend(
-                    {k: v for k, v in call.items() if k != "index"} for call in value
-                )
-            else:
-                row.message[name] = row.message.get(name, "") + value
-        if not row.started:
-            row.started = True
-            delta = dict({"role": "assistant", "content": ""}, **delta)
-        return delta
-
-    def _chunk(self, request, response_id, created, index, delta, finish_reason, draft=None) -> dict:
-        body = envelope(request, response_id, self.settings.model_id, created, chunk=True)
-        if request.kind == "chat":
-            choice = {"index": index, "delta": delta, "finish_reason": finish_reason}
-        else:
-            choice = {"index": index, "text": delta.get("text", ""), "finish_reason": finish_reason, "logprobs": None}
-        if draft is not None:
-            choice["draft"] = draft  # the extension: stream_options.include_drafts
-        body["choices"] = [choice]
-        return body
-
-    def _response(self, request, response_id, created, answer: List[_Row], usage: Usage) -> dict:
-        body = envelope(request, response_id, self.settings.model_id, created)
-        if request.kind == "chat":
-            choices = []
-            for i, row in enumerate(answer):
-                message = {"role": "assistant", "content": row.message.get("content", "")}
-                if "reasoning_content" in row.message:
-                    message["reasoning_content"] = row.message["reasoning_content"]
-                if row.message.get("tool_calls"):
-                    message["tool_calls"] = row.message["tool_calls"]
-                    message["content"] = message["content"] or None
-                choices.append({"index": i, "message": message, "finish_reason": row.finish_reason})
-        else:
-            choices = [
-                {"index": i, "text": row.text, "finish_reason": row.finish_reason, "logprobs": None}
-                for i, row in enumerate(answer)
-            ]
-        return dict(body, choices=choices, usage=usage.body())
+        for kind, body in request.fill_answer(reply, last, usage, elapsed_ms, self.model.args.max_position_embeddings):
+            job.send(kind, body)
 
 
 def _json(call: Dict[str, Any]) -> Any:
