@@ -36,13 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
-from mlx_diffgemma.convert import (
-    PIECES,
-    RECIPES,
-    convert,
-    plan_conversion,
-    quantization_settings,
-)
+from mlx_diffgemma.convert import convert
+from mlx_diffgemma.convert_weights import plan_conversion
+from mlx_diffgemma.recipes import PIECES, RECIPES, quantization_settings
 from mlx_diffgemma.shards import Slot
 from mlx_diffgemma.utils import load_model
 

@@ -1,7 +1,8 @@
 """Run Google's DiffusionGemma with MLX."""
 
+import _thread
 import sys
-import warnings
+import time
 from pathlib import Path
 
 
@@ -11,6 +12,22 @@ def _quiet_interrupt(kind, value, traceback, previous=sys.excepthook):
     previous(kind, value, traceback)
 
 
+def _interrupt_again(unraisable, previous=sys.unraisablehook):
+    # Ctrl-C inside a finalizer (a library's __del__ while imports run) is
+    # "ignored" with a traceback and the command runs on; deliver it again,
+    # a moment later from another thread so that it lands after this hook
+    # returns, where it stops the command as any Ctrl-C does.
+    if isinstance(unraisable.exc_value, KeyboardInterrupt):
+        _thread.start_new_thread(_interrupt_later, ())
+        return
+    previous(unraisable)
+
+
+def _interrupt_later():
+    time.sleep(0.05)
+    _thread.interrupt_main()
+
+
 # Ctrl-C in a command's first seconds lands in the imports below, before the
 # command's own handler (cli.run) is there. Only for our commands: an app that
 # imports the package keeps its own hook. ("-m" is argv[0] while `python -m
@@ -18,10 +35,12 @@ def _quiet_interrupt(kind, value, traceback, previous=sys.excepthook):
 _script = Path(sys.argv[0] if sys.argv else "").name
 if sys.argv[:1] == ["-m"] or _script == "mlx_diffgemma" or _script.startswith("mlx_diffgemma."):
     sys.excepthook = _quiet_interrupt
+    sys.unraisablehook = _interrupt_again
 
-# The command-line stubs first: each shares its name with a function exported
-# below, and importing a submodule later would rebind the package's name to it
-# (``import mlx_diffgemma.edit`` would turn ``mlx_diffgemma.edit`` into a module).
+# ``python -m mlx_diffgemma.edit``'s package first: it shares its name with the
+# function exported below, and a submodule imported for the first time later
+# would rebind the package's name to itself (``import mlx_diffgemma.edit`` would
+# turn ``mlx_diffgemma.edit`` into a module).
 from . import edit as _edit_command  # noqa: F401
 from .chat import chat, stream_chat
 from .convert import convert
@@ -30,15 +49,6 @@ from .generate import generate, stream_generate
 from .infill import edit, infill, stream_edit, stream_infill
 from .sampler_params import FAST, SamplerParams
 from .utils import load
-
-# The functions above share their modules' names (as in mlx-lm), so
-# `python -m mlx_diffgemma.generate` finds its module already imported by this
-# package; runpy warns about that, harmlessly: the command runs its own copy.
-warnings.filterwarnings(
-    "ignore",
-    message=r".*found in sys.modules after import of package 'mlx_diffgemma'",
-    category=RuntimeWarning,
-)
 
 __all__ = [
     "load",

@@ -90,7 +90,7 @@ def read_json(path: Path):
         raise LoadError(f"{path}: not valid JSON ({e})") from None
 
 
-def _shard_files(model_path: Path) -> list:
+def shard_files(model_path: Path) -> list:
     index_file = model_path / "model.safetensors.index.json"
     if index_file.exists():
         index = read_json(index_file)
@@ -112,7 +112,7 @@ def load_safetensors(model_path: Path) -> Tuple[Dict[str, mx.array], Dict[str, P
     """All tensors of a checkpoint, lazily (nothing is read before it is
     used), and the shard each came from."""
     weights, files = {}, {}
-    for shard in _shard_files(model_path):
+    for shard in shard_files(model_path):
         try:
             tensors = mx.load(str(shard))
         except Exception as e:
@@ -240,7 +240,7 @@ def stored_quantization(
     return params
 
 
-def _quantize(
+def quantize_as_stored(
     model: Model, quantization: dict, weights: Dict[str, mx.array], source: str = "config.json"
 ) -> Dict[str, dict]:
     """Quantize the modules a converted checkpoint stores quantized (mlx-lm's format)."""
@@ -289,7 +289,7 @@ def load_model(model_path: Path, lazy: bool = False) -> Model:
     weights, origin = sanitize(tensors)
     model = Model(args)
     if "quantization" in config:
-        _quantize(model, config["quantization"], weights, model_path / "config.json")
+        quantize_as_stored(model, config["quantization"], weights, model_path / "config.json")
     check_weights(model, weights, origin, files)
     model.load_weights(list(weights.items()), strict=True)
     cpu_experts.upcast_experts(model)

@@ -33,10 +33,13 @@ from tokenizer_fixture import write_test_tokenizer
 
 from mlx_diffgemma import load
 from mlx_diffgemma.convert import ConvertError, convert
+from mlx_diffgemma.recipes import piece
 from mlx_diffgemma.utils import load_model
 
-# The module itself (the package may export the function under the same name).
+# The modules themselves (the package exports the function under the module's
+# name): the writer's block and shard sizes and the steps the interruption tests replace.
 convert_module = importlib.import_module("mlx_diffgemma.convert")
+convert_weights = importlib.import_module("mlx_diffgemma.convert_weights")
 
 # (recipe, bits) -> (logit RMS, max abs, top-1 agreement) measured against the
 # float model on this file's checkpoint (seed 0, PROMPTS prompts), on CPU.
@@ -139,7 +142,7 @@ def test_recipes_quantize_what_they_say(converted, recipe, expect):
     for path, module in model.named_modules():
         quantized = "scales" in module
         if quantized or hasattr(module, "to_quantized"):
-            kind = convert_module.piece(path)
+            kind = piece(path)
             seen.add(kind)
             assert (module.bits if quantized else None) == expect[kind], path
     assert seen == set(expect)
@@ -192,8 +195,8 @@ def test_generation_runs_on_the_quantized_model(converted):
 
 def test_small_blocks_and_shards_give_the_same_model(source, converted, tmp_path, monkeypatch):
     """Reading in blocks of a few rows and writing many shards changes nothing."""
-    monkeypatch.setattr(convert_module, "BLOCK_BYTES", 4096)
-    monkeypatch.setattr(convert_module, "SHARD_BYTES", 64 << 10)
+    monkeypatch.setattr(convert_weights, "BLOCK_BYTES", 4096)
+    monkeypatch.setattr(convert_weights, "SHARD_BYTES", 64 << 10)
     out = convert(str(source), str(tmp_path / "small"), q_bits=4, progress=False)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 3
@@ -282,7 +285,7 @@ def leftovers(parent: Path, name: str):
 @pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError])
 def test_interrupted_conversion_leaves_nothing(source, tmp_path, monkeypatch, error):
     calls = []
-    real = convert_module.convert_arrays
+    real = convert_weights.convert_arrays
 
     def failing(arrays, rules):
         calls.append(1)
@@ -290,7 +293,7 @@ def test_interrupted_conversion_leaves_nothing(source, tmp_path, monkeypatch, er
             raise error("stop")
         return real(arrays, rules)
 
-    monkeypatch.setattr(convert_module, "convert_arrays", failing)
+    monkeypatch.setattr(convert_weights, "convert_arrays", failing)
     with pytest.raises(error):
         convert(str(source), str(tmp_path / "out"), q_bits=4, progress=False)
     assert len(calls) == 40

@@ -5,11 +5,11 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import mlx.core as mx
 
-from .cache import PromptCache
-from .chat_template import render
-from .generate import GenerationResponse, stream_generate
-from .model import Model
-from .thinking import END_OF_TURN, split_thinking
+from ..cache import PromptCache
+from ..chat_template import render
+from ..generate import GenerationResponse, stream_generate
+from ..model import Model
+from ..thinking import END_OF_TURN, split_thinking
 
 
 @dataclass
@@ -143,10 +143,3 @@ def chat(
         text += last.text
     thought, answer = split_thinking(text)
     return ChatResponse(text, answer, thought, last.chat_cache, last.prompt_tokens, last)
-
-
-if __name__ == "__main__":
-    # The command line lives in the cli package; the library never imports it.
-    from .cli.chat import main
-
-    main()

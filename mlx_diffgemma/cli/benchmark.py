@@ -7,8 +7,8 @@ from pathlib import Path
 from ..benchmark import PRESETS, Options, format_report, run_benchmark, validate
 from ..benchmark.compare import COMPARISONS
 from ..benchmark.work import VARIANTS
-from ..convert import RECIPES
 from ..files import write_text
+from ..recipes import RECIPES
 from . import ArgumentParser, prog, run
 
 

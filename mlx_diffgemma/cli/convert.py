@@ -3,8 +3,9 @@
 import argparse
 import signal
 
-from ..convert import DTYPES, MODES, RECIPES, convert
-from ..utils import DEFAULT_MODEL
+from ..convert import DTYPES, convert
+from ..recipes import RECIPES
+from ..utils import DEFAULT_MODEL, MODES
 from . import ArgumentParser, prog, run
 
 

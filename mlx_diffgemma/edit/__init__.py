@@ -3,8 +3,3 @@
 The library's editing is ``infill.edit`` / ``infill.stream_edit``; the
 command line is ``cli.edit``.
 """
-
-if __name__ == "__main__":
-    from .cli.edit import main
-
-    main()

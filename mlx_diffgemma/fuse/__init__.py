@@ -19,10 +19,10 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.utils import save_model
 
-from .convert import check_replaceable, staged_directory
-from .tuner.adapters import fuse as fuse_layers
-from .tuner.adapters import load_adapters
-from .utils import get_model_path, load_model, load_safetensors, sanitize
+from ..staging import check_replaceable, staged_directory
+from ..tuner.adapters import fuse as fuse_layers
+from ..tuner.adapters import load_adapters
+from ..utils import get_model_path, load_model, load_safetensors, sanitize
 
 # Files of the source directory that the fused model keeps as they are.
 _WEIGHT_FILES = ("*.safetensors", "model.safetensors.index.json")
@@ -68,10 +68,3 @@ def fuse(model: str, adapter_path: str, save_path: str, force: bool = False, rev
         save_model(staging, net)
     mx.clear_cache()
     return target
-
-
-if __name__ == "__main__":
-    # The command line lives in the cli package; the library never imports it.
-    from .cli.fuse import main
-
-    main()

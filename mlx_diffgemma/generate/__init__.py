@@ -28,11 +28,11 @@ import mlx.core as mx
 # Besides what this module uses, the names it held before the sampler's
 # settings, the step, prompts and statistics moved out, so that code written
 # against ``mlx_diffgemma.generate`` keeps working.
-from . import sampler
-from .cache import PromptCache
-from .denoising import CanvasState, denoise_step, sample_step, uses_probs  # noqa: F401
-from .model import Model
-from .prompts import (  # noqa: F401
+from .. import sampler
+from ..cache import PromptCache
+from ..denoising import CanvasState, denoise_step, sample_step, uses_probs  # noqa: F401
+from ..model import Model
+from ..prompts import (  # noqa: F401
     PREFILL_STEP,
     PROMPT_TYPES,
     SEED_LIMIT,
@@ -45,7 +45,7 @@ from .prompts import (  # noqa: F401
     row_seeds,
     text_ids,
 )
-from .sampler_params import (  # noqa: F401
+from ..sampler_params import (  # noqa: F401
     FAST,
     SAMPLER_SETTINGS,
     SETTING_INFO,
@@ -54,7 +54,7 @@ from .sampler_params import (  # noqa: F401
     sampler_params,
     setting_problem,
 )
-from .stats import Progress, print_stats  # noqa: F401
+from ..stats import Progress, print_stats  # noqa: F401
 
 # -- The canvas loop ----------------------------------------------------------
 
@@ -455,10 +455,3 @@ def _is_batch(prompt) -> bool:
     if isinstance(prompt, mx.array):
         return prompt.ndim == 2
     return isinstance(prompt, (list, tuple)) and not all_ids(prompt)
-
-
-if __name__ == "__main__":
-    # The command line lives in the cli package; the library never imports it.
-    from .cli.generate import main
-
-    main()

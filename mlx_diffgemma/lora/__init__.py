@@ -2,8 +2,3 @@
 
 The trainer is the ``tuner`` package; the command line is ``cli.lora``.
 """
-
-if __name__ == "__main__":
-    from .cli.lora import main
-
-    main()
