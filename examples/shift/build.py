@@ -164,7 +164,14 @@ def tokenizer_json() -> str:
 
 def write_tokenizer(out: Path) -> int:
     text, size = tokenizer_json()
-    (out / "tokenizer.json").write_text(text)
+    write_tokenizer_files(out, text, TEXT_CONFIG["max_position_embeddings"])
+    return size
+
+
+def write_tokenizer_files(out: Path, tokenizer_json: str, max_positions: int):
+    """tokenizer.json, its config (Gemma 4's control tokens) and the chat template."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tokenizer.json").write_text(tokenizer_json)
     special = {"bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>", "pad_token": "<pad>"}
     added = {
         str(i): {
@@ -182,31 +189,34 @@ def write_tokenizer(out: Path) -> int:
         "add_bos_token": False,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
-        "model_max_length": TEXT_CONFIG["max_position_embeddings"],
+        "model_max_length": max_positions,
         "padding_side": "left",
         "added_tokens_decoder": added,
         **special,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "chat_template.jinja").write_text(CHAT_TEMPLATE.strip() + "\n")
-    return size
 
 
 def write_initial_model(out: Path, seed: int = 0):
+    out.mkdir(parents=True, exist_ok=True)
+    write_model(out, TEXT_CONFIG, CANVAS_LENGTH, write_tokenizer(out), seed)
+
+
+def write_model(out: Path, text_config: dict, canvas_length: int, vocab_size: int, seed: int):
+    """config.json, the released sampler settings and random weights (seeded)."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
     from mlx_diffgemma.config import ModelArgs
     from mlx_diffgemma.model import Model
 
-    out.mkdir(parents=True, exist_ok=True)
-    vocab_size = write_tokenizer(out)
     config = {
         "model_type": "diffusion_gemma",
         "architectures": ["DiffusionGemmaForBlockDiffusion"],
-        "canvas_length": CANVAS_LENGTH,
+        "canvas_length": canvas_length,
         "eos_token_id": [1, 106, 50],
-        "text_config": dict(TEXT_CONFIG, model_type="diffusion_gemma_text", vocab_size=vocab_size),
+        "text_config": dict(text_config, model_type="diffusion_gemma_text", vocab_size=vocab_size),
     }
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2) + "\n")
