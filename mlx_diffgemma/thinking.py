@@ -82,9 +82,14 @@ class ThoughtParser:
                 if len(text) <= len(THOUGHT_NAME) and THOUGHT_NAME.startswith(text):
                     self.pending = text  # "thou": the name, or thought text?
                     break
+                rest = text[len(THOUGHT_NAME) :] if text.startswith(THOUGHT_NAME) else None
+                if rest is not None and partial_marker(rest, _MARKERS) == len(rest):
+                    self.pending = text  # "thought<chan": the name before a marker, or not?
+                    break
                 self.name_pending = False
-                if text.startswith(THOUGHT_NAME) and text[len(THOUGHT_NAME)].isspace():
-                    text = text[len(THOUGHT_NAME) :]
+                # The name ends at whitespace or a marker ("<|channel>thought<channel|>" is empty).
+                if rest is not None and (rest[0].isspace() or rest.startswith(_MARKERS)):
+                    text = rest
                 continue
             at, marker = min(((text.find(m), m) for m in _MARKERS if m in text), default=(-1, ""))
             body = text if at < 0 else text[:at]

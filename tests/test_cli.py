@@ -357,6 +357,7 @@ def test_thoughts_are_labelled_apart_from_the_answer():
 THOUGHT_TEXTS = [
     "<|channel>thought\nLet me see. \n\nOK<channel|>\n\nHello!<turn|>ignored",
     "<|channel>thoughtful words<channel|>ok",
+    "<|channel>thought<channel|>ok",
     "<|channel>thought\nA<channel|>Look.<|tool_call>call:f{a:1}<tool_call|><|channel>thought\nB<channel|> Done<eos>",
     "<|channel>thought\nx<channel|>An answer <channel|> here, <|chan",
     "<|channel>thought\nstill thinking <|channel> on",

@@ -407,6 +407,7 @@ def enc_any(tok, text):
         ("<|channel>thought\nStill thinking about", "Still thinking about", ""),
         ("<|channel>thought\n", "", ""),
         ("<|channel>thoughtful words<channel|>ok", "thoughtful words", "ok"),
+        ("<|channel>thought<channel|>ok", "", "ok"),
         ("Just an answer.<turn|>", None, "Just an answer."),
         ("Just an answer.", None, "Just an answer."),
         ("", None, ""),
