@@ -43,6 +43,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "shift"))
 from build import SPECIAL_TOKENS, write_model, write_tokenizer_files  # noqa: E402
+from build import TEXT_CONFIG as SHIFT_CONFIG  # noqa: E402
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 # Directories of tests, tools and GUI code: little of it is library code.
@@ -60,32 +61,19 @@ FUNCTION_TOKENS = 192  # functions longer than this are left out
 MIN_BODY_TOKENS = 16
 TEST_PROBLEMS, INFILL_PROBLEMS, VALID_EXAMPLES = 400, 400, 256
 
-TEXT_CONFIG = {
-    "hidden_size": 256,
-    "num_hidden_layers": 6,
-    "layer_types": ["sliding_attention", "sliding_attention", "full_attention"] * 2,
-    "intermediate_size": 512,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 64,
-    "global_head_dim": 128,
-    "num_global_key_value_heads": 1,
-    "sliding_window": 128,
-    "num_experts": 8,
-    "top_k_experts": 2,
-    "moe_intermediate_size": 256,
-    "rms_norm_eps": 1e-6,
-    "final_logit_softcapping": 30.0,
-    "max_position_embeddings": 4096,
-    "hidden_activation": "gelu_pytorch_tanh",
-    "rope_parameters": {
-        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-        "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1000000.0},
-    },
-    "pad_token_id": 0,
-    "bos_token_id": 2,
-    "eos_token_id": 1,
-}
+# The shift model's config (rope, norms, ids), wider and deeper, with a
+# sliding window shorter than an example so both kinds of layer matter.
+TEXT_CONFIG = dict(
+    SHIFT_CONFIG,
+    hidden_size=256,
+    num_hidden_layers=6,
+    layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2,
+    intermediate_size=512,
+    head_dim=64,
+    global_head_dim=128,
+    sliding_window=128,
+    moe_intermediate_size=256,
+)
 
 
 def modules():
