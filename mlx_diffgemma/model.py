@@ -8,7 +8,7 @@ leaves the cache untouched. The weights exist once.
 
 import math
 from functools import cached_property, partial
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -119,7 +119,12 @@ class Attention(nn.Module):
             max_position_embeddings=args.max_position_embeddings,
         )
 
-    def __call__(self, x: mx.array, cache: LayerCache, mask: Optional[mx.array], encoding: bool) -> mx.array:
+    def __call__(
+        self, x: mx.array, cache: LayerCache, mask: Optional[mx.array], encoding: bool, rows: Optional[mx.array] = None
+    ) -> mx.array:
+        """Attention of ``x``'s positions to the cache and to ``x``; with
+        ``rows`` [B, A] (canvas positions), only those positions' outputs,
+        every position still serving as a key."""
         B, L, _ = x.shape
         queries = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, -1))
         keys = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)
@@ -136,6 +141,13 @@ class Attention(nn.Module):
         else:
             keys, values = cache.extend(keys, values)
 
+        if rows is not None:
+            # Rotated at their own positions, then gathered: the rows' queries.
+            queries = mx.take_along_axis(queries, rows[:, None, :, None], axis=2)
+            if mask is not None and mask.shape[-2] > 1:
+                mask = mx.broadcast_to(mask, (B,) + mask.shape[1:])
+                mask = mx.take_along_axis(mask, rows[:, None, :, None], axis=2)
+            L = rows.shape[1]
         out = attention(queries, keys, values, mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
@@ -197,8 +209,12 @@ class Layer(nn.Module):
         self.layer_scalar = mx.ones((1,))
         self.encoder_layer_scalar = mx.ones((1,))
 
-    def __call__(self, x: mx.array, cache: LayerCache, mask: Optional[mx.array], encoding: bool) -> mx.array:
-        h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cache, mask, encoding))
+    def __call__(
+        self, x: mx.array, cache: LayerCache, mask: Optional[mx.array], encoding: bool, rows: Optional[mx.array] = None
+    ) -> mx.array:
+        """The layer's output for ``x``; with ``rows`` [B, A], for those positions only."""
+        attended = self.self_attn(self.input_layernorm(x), cache, mask, encoding, rows)
+        h = (x if rows is None else gather_rows(x, rows)) + self.post_attention_layernorm(attended)
         out = h + self.feed_forward(h)
         return out * (self.encoder_layer_scalar if encoding else self.layer_scalar)
 
@@ -226,6 +242,26 @@ class SelfConditioning(MLP):
         if soft is not None:
             embeds = embeds + super().__call__(self.pre_norm(soft))
         return self.post_norm(embeds)
+
+
+def gather_rows(x: mx.array, rows: mx.array) -> mx.array:
+    """``x`` [B, C, ...] at positions ``rows`` [B, A]: [B, A, ...]."""
+    index = rows.reshape(rows.shape + (1,) * (x.ndim - 2))
+    return mx.take_along_axis(x, index, axis=1)
+
+
+def scatter_rows(x: mx.array, rows: mx.array, values: mx.array) -> mx.array:
+    """``x`` [B, C, ...] with positions ``rows`` [B, A] set to ``values`` [B, A, ...]."""
+    index = rows.reshape(rows.shape + (1,) * (x.ndim - 2))
+    return mx.put_along_axis(x, index, values.astype(x.dtype), axis=1)
+
+
+class DecoderStates(NamedTuple):
+    """What a decoder pass leaves for an approximate one (``Model.denoise_rows``):
+    each layer's input [B, C, D] and the logits [B, C, V], for every canvas position."""
+
+    inputs: List[mx.array]
+    logits: mx.array
 
 
 def _key_mask(
@@ -374,6 +410,47 @@ class Model(nn.Module):
         soft = soft_embedding if probs is None else self.soft_embedding(probs)
         h = self.self_conditioning(h, soft)
         return self.logits(self._run_layers(h, cache, encoding=False))
+
+    def denoise_rows(
+        self,
+        canvas: mx.array,
+        cache: PromptCache,
+        rows: Optional[mx.array] = None,
+        states: Optional[DecoderStates] = None,
+        self_conditioning: Optional[mx.array] = None,
+        self_conditioning_probs: Optional[mx.array] = None,
+        soft_embedding: Optional[mx.array] = None,
+    ) -> Tuple[mx.array, DecoderStates]:
+        """``denoise``, computing only the canvas positions ``rows`` [B, A].
+
+        An approximate step (a departure from the reference): every other
+        position keeps what ``states`` (an earlier pass's) holds for it, its
+        input to each layer and its logits, so the rows attend to keys and
+        values that position had then. Only the key, value and query
+        projections run over the whole canvas; the rows alone go through
+        the rest of each layer and the LM head. ``rows`` None computes every
+        position: the exact pass, which leaves fresh ``states``. Returns the
+        logits [B, C, V] (the others' from ``states``) and the new states.
+        """
+        h = self._embed(canvas if rows is None else gather_rows(canvas, rows))
+        probs = self_conditioning_probs
+        if probs is None and self_conditioning is not None:
+            probs = mx.softmax(self_conditioning.astype(mx.float32), axis=-1)
+        if rows is not None:
+            probs = None if probs is None else gather_rows(probs, rows)
+            soft_embedding = None if soft_embedding is None else gather_rows(soft_embedding, rows)
+        soft = soft_embedding if probs is None else self.soft_embedding(probs)
+        h = self.self_conditioning(h, soft)
+        masks = self._masks(cache, canvas.shape[1], causal=False)
+        inputs = []
+        for i, (layer, c, sliding) in enumerate(zip(self.layers, cache, self.sliding_layers)):
+            x = h if rows is None else scatter_rows(states.inputs[i], rows, h)
+            inputs.append(x)
+            h = layer(x, c, masks[sliding], False, rows)
+        logits = self.logits(self.norm(h))
+        if rows is not None:
+            logits = scatter_rows(states.logits, rows, logits)
+        return logits, DecoderStates(inputs, logits)
 
     @property
     def dtype(self):

@@ -220,12 +220,23 @@ class FixedPositions(NamedTuple):
         return FixedPositions(self.mask[r : r + 1], self.tokens[r : r + 1])
 
 
+def threshold_accept(dist: Distribution, accept_threshold: float) -> mx.array:
+    """Positions whose most likely token has probability >= ``accept_threshold``.
+
+    Confidence-threshold parallel decoding (Fast-dLLM; mlx-vlm's default): a
+    departure from the reference, which accepts by the entropy bound alone.
+    The top probability is 1 / total, since the largest weight is exp(0).
+    """
+    return dist.total[..., 0] * accept_threshold <= 1.0
+
+
 def denoise_step_update(
     logits: mx.array,
     entropy_bound: float,
     key: mx.array,
     fixed: Optional[FixedPositions] = None,
     temperature: float = 1.0,
+    accept_threshold: float = 0.0,
 ) -> DenoiseStep:
     """Turn one step's logits [B, C, V] at ``temperature`` into the next canvas.
 
@@ -238,7 +249,9 @@ def denoise_step_update(
     ``fixed`` positions are certain: their entropy counts as 0 (so they are
     accepted first and take none of the entropy budget, and they count as
     confident in the stop check), and they keep their token in the next canvas
-    and the argmax canvas. Without it the step is exactly the reference's.
+    and the argmax canvas. ``accept_threshold`` > 0 also accepts every
+    position at least that sure of its top token (``threshold_accept``).
+    Without either the step is exactly the reference's.
     """
     sample_key, noise_key = mx.random.split(key)
     dist = distribution(logits, temperature)
@@ -246,6 +259,8 @@ def denoise_step_update(
     if fixed is not None:
         entropy = mx.where(fixed.mask, 0.0, entropy)
     accepted = entropy_bound_accept(entropy, entropy_bound)
+    if accept_threshold:
+        accepted = accepted | threshold_accept(dist, accept_threshold)
     sampled = sample_from(dist, sample_key)
     next_canvas = renoise(sampled, accepted, logits.shape[-1], noise_key)
     argmax = argmax_tokens(logits)  # a temperature does not move it
@@ -299,6 +314,26 @@ def stable_and_confident(
     confident = entropy.mean(axis=-1) < confidence_threshold
     history = mx.concatenate([history, argmax_canvas[None]], axis=0)[1:]
     return stable & confident, history
+
+
+def commit_stable(
+    argmax_canvas: mx.array,
+    previous_argmax: mx.array,
+    streak: mx.array,
+    accepted: mx.array,
+    committed: mx.array,
+    commit_after: int,
+) -> Tuple[mx.array, mx.array]:
+    """Per-position early commitment (a departure from the reference, which
+    resamples every position every step): (streak, committed) after a step.
+
+    ``streak`` [B, C] counts the steps a position's argmax has not changed
+    (-1 before a canvas' first step); a position is committed once it is
+    accepted with a streak of at least ``commit_after``, and stays committed.
+    The caller then holds it at its argmax as a fixed position.
+    """
+    streak = mx.where(argmax_canvas == previous_argmax, streak + 1, 0)
+    return streak, committed | (accepted & (streak >= commit_after))
 
 
 def split_at_eos(tokens: Sequence[int], eos_ids: Sequence[int]) -> Tuple[List[int], Optional[int]]:

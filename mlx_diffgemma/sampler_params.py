@@ -18,15 +18,15 @@ from .config import eos_token_ids, pad_token_id
 from .model import Model
 
 
-def _setting(default, kind, minimum, help: str, metavar: str, inclusive: bool = True):
-    """A sampler setting: its default, type, lower bound and help text.
+def _setting(default, kind, minimum, help: str, metavar: str, inclusive: bool = True, maximum=None):
+    """A sampler setting: its default, type, bounds and help text.
 
     The command lines build their flags from these, so a setting is defined,
     checked and documented in one place.
     """
     return field(
         default=default,
-        metadata=dict(kind=kind, minimum=minimum, inclusive=inclusive, help=help, metavar=metavar),
+        metadata=dict(kind=kind, minimum=minimum, maximum=maximum, inclusive=inclusive, help=help, metavar=metavar),
     )
 
 
@@ -64,6 +64,33 @@ class SamplerParams:
         "Self-condition each step on the K most likely tokens of the last one instead of the whole "
         "vocabulary; departs from the reference (0: the whole vocabulary, as the reference).",
         "K",
+    )
+    accept_threshold: float = _setting(
+        0.0,
+        float,
+        0.0,
+        "Also accept every position whose most likely token has at least this probability "
+        "(confidence-threshold parallel decoding); departs from the reference (0: the entropy bound alone).",
+        "P",
+        maximum=1.0,
+    )
+    commit_after: int = _setting(
+        0,
+        int,
+        0,
+        "Commit a position once it is accepted and its argmax has not changed for N steps: it keeps "
+        "that token for the rest of the canvas and counts as certain; departs from the reference "
+        "(0: never, every position is resampled each step).",
+        "N",
+    )
+    reuse_committed: int = _setting(
+        0,
+        int,
+        0,
+        "With commit_after: for up to N steps in a row, run the decoder over the uncommitted positions "
+        "only, the committed ones keeping the states they had when last computed (an approximate step), "
+        "then one full pass; departs from the reference (0: every position every step).",
+        "N",
     )
     eos_token_id: Optional[List[int]] = None  # None: the model's
     pad_token_id: Optional[int] = None  # None: the model's
@@ -118,6 +145,8 @@ class SamplerParams:
         """What no single setting can check alone."""
         if self.t_max <= self.t_min:
             raise ValueError(f"t_max must be greater than t_min (got t_max={self.t_max}, t_min={self.t_min})")
+        if self.reuse_committed and not self.commit_after:
+            raise ValueError("reuse_committed needs commit_after: only committed positions can be reused")
         if self.self_conditioning_top_k > model.args.vocab_size:
             raise ValueError(
                 f"self_conditioning_top_k must be at most the vocabulary size {model.args.vocab_size} "
@@ -169,6 +198,8 @@ def setting_problem(name: str, value) -> Optional[str]:
         return f"must be a finite number (got {shown})"
     if value < minimum or (value == minimum and not inclusive):
         return f"must be {'>=' if inclusive else '>'} {minimum:g} (got {shown})"
+    if info["maximum"] is not None and value > info["maximum"]:
+        return f"must be <= {info['maximum']:g} (got {shown})"
     return None
 
 

@@ -3,7 +3,7 @@
 verbose summary (``print_stats``)."""
 
 import sys
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 
 class Progress:
@@ -11,9 +11,17 @@ class Progress:
 
     def __init__(self):
         self.steps: Dict[int, int] = {}
+        # Per canvas, per step: the canvas positions its decoder pass computed.
+        self.positions: Dict[int, Dict[int, int]] = {}
 
     def update(self, response):
         self.steps[response.canvas_index] = response.step
+        if getattr(response, "positions", 0):
+            self.positions.setdefault(response.canvas_index, {})[response.step] = response.positions
+
+    def canvas_positions(self) -> List[List[int]]:
+        """Per canvas in order, the positions each of its steps computed."""
+        return [[self.positions.get(c, {}).get(s, 0) for s in range(1, self.steps[c] + 1)] for c in sorted(self.steps)]
 
     def status(self, response) -> str:
         return (

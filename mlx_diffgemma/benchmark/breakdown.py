@@ -97,7 +97,9 @@ class Product(NamedTuple):
         return 2 * math.prod(self.a) * out * self.count
 
 
-def layer_shapes(args: ModelArgs, batch: int, queries: int, cache_len: int) -> Dict[str, List[Product]]:
+def layer_shapes(
+    args: ModelArgs, batch: int, queries: int, cache_len: int, rows: Optional[int] = None
+) -> Dict[str, List[Product]]:
     """The layers' matrix products for ``queries`` new positions per row after
     ``cache_len`` cached ones (a canvas being denoised, or tokens being encoded).
 
@@ -107,10 +109,13 @@ def layer_shapes(args: ModelArgs, batch: int, queries: int, cache_len: int) -> D
     the causal half too, so it is counted); grouped KV heads are counted once
     per query head, as computed. The experts are counted as their equal-FLOP
     dense products: top_k x N rows through one expert's gate, up and down.
+    ``rows`` (an approximate denoising step) of the ``queries`` positions go
+    through the layer; all of them through the q/k/v projections.
     """
     Q, D, H = queries, args.hidden_size, args.num_attention_heads
     I, M = args.intermediate_size, args.moe_intermediate_size
-    N = batch * Q
+    A = Q if rows is None else rows
+    N, NA = batch * Q, batch * A
     shapes = {"attention": [], "dense_mlp": [], "experts": []}
     for i, kind in enumerate(args.layer_types):
         d, g = args.layer_head_dims[i], args.layer_kv_heads[i]
@@ -119,12 +124,12 @@ def layer_shapes(args: ModelArgs, batch: int, queries: int, cache_len: int) -> D
         shapes["attention"] += [
             Product((N, D), (H * d, D)),
             Product((N, D), (g * d, D), 2 if sliding else 1),  # k, and v on sliding layers
-            Product((N, H * d), (D, H * d)),
-            Product((batch, H, Q, d), (batch, H, K, d)),  # scores
-            Product((batch, H, Q, K), (batch, H, K, d), transposed=False),  # values
+            Product((NA, H * d), (D, H * d)),
+            Product((batch, H, A, d), (batch, H, K, d)),  # scores
+            Product((batch, H, A, K), (batch, H, K, d), transposed=False),  # values
         ]
-        shapes["dense_mlp"] += _mlp(N, D, I)
-        shapes["experts"] += [Product((N, D), (args.num_experts, D))] + _mlp(N * args.top_k_experts, D, M)
+        shapes["dense_mlp"] += _mlp(NA, D, I)
+        shapes["experts"] += [Product((NA, D), (args.num_experts, D))] + _mlp(NA * args.top_k_experts, D, M)
     return shapes
 
 
@@ -133,7 +138,12 @@ def _mlp(rows: int, dims: int, hidden: int) -> List[Product]:
 
 
 def matmul_shapes(
-    args: ModelArgs, batch: int, cache_len: int, self_conditioning: bool = True, top_k: int = 0
+    args: ModelArgs,
+    batch: int,
+    cache_len: int,
+    self_conditioning: bool = True,
+    top_k: int = 0,
+    rows: Optional[int] = None,
 ) -> Dict[str, List[Product]]:
     """The matrix products of one denoising step, per component.
 
@@ -142,11 +152,12 @@ def matmul_shapes(
     signal, no products); otherwise probabilities [N, V] times the embedding
     [V, D], or with ``top_k`` the k gathered rows per position weighted and
     summed (2 N k D, counted as one [N, k] x [k, D] product), then its MLP.
+    ``rows``: an approximate step computing that many positions per row.
     """
     C, D, V = args.canvas_length, args.hidden_size, args.vocab_size
-    N = batch * C
+    N = batch * (C if rows is None else rows)
     shapes = {name: [] for name in COMPONENTS}
-    shapes.update(layer_shapes(args, batch, C, cache_len))
+    shapes.update(layer_shapes(args, batch, C, cache_len, rows))
     shapes["lm_head"] = [Product((N, D), (V, D))]
     if self_conditioning:
         soft = Product((N, top_k), (top_k, D), transposed=False) if top_k else Product((N, V), (V, D), transposed=False)

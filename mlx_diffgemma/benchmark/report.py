@@ -140,7 +140,7 @@ def format_report(result: dict) -> str:
         rows = [
             [
                 "variant",
-                "exact match",
+                "accuracy" if e.get("metric", "exact") != "exact" else "exact match",
                 "steps/canvas",
                 "tokens/forward",
                 "MFLOP/token",

@@ -25,8 +25,9 @@ from .breakdown import run_breakdown
 from .common import NEVER_CONFIDENT, median, set_dtype, step_intervals, weight_bytes
 from .compare import COMPARISONS, compare_autoregressive, compare_mlx_vlm, compare_transformers, require
 from .machine import load_average, machine_info
+from .plot import check_plot_path, plot_tradeoff
 from .presets import PRESETS, quantize, random_model, random_prompts, write_hf_checkpoint
-from .work import VARIANTS, evaluate, evaluation_file, generation_flops, read_problems
+from .work import METRICS, VARIANTS, evaluate, evaluation_file, generation_flops, read_problems
 
 
 @dataclass
@@ -50,6 +51,8 @@ class Options:
     data: Optional[str] = None
     limit: Optional[int] = None
     variants: List[str] = field(default_factory=list)
+    metric: str = "exact"
+    plot: Optional[str] = None
 
 
 def sampler_overrides(fixed_steps: Optional[int], vocab: int, top_k: int = 0, fast: bool = False) -> dict:
@@ -158,13 +161,15 @@ def run_evaluation(model: Model, tokenizer, options: Options) -> dict:
     variants = {}
     for name in names:
         _log(f"Evaluating {name!r} on {len(problems)} problems of {path}...")
-        variants[name] = evaluate(model, tokenizer, problems, seed=options.seed, **VARIANTS[name])
+        variants[name] = evaluate(
+            model, tokenizer, problems, seed=options.seed, metric=options.metric, **VARIANTS[name]
+        )
     reference = variants["reference"]
     for v in variants.values():
         v["fewer_flops_than_reference"] = reference["flops_per_token"] / v["flops_per_token"]
         v["fewer_denoise_flops_than_reference"] = reference["denoise_flops_per_token"] / v["denoise_flops_per_token"]
         v["accuracy_change_points"] = 100 * (v["accuracy"] - reference["accuracy"])
-    return dict(data=str(path), problems=len(problems), variants=variants)
+    return dict(data=str(path), problems=len(problems), metric=options.metric, variants=variants)
 
 
 # ---------------------------------------------------------------------------
@@ -204,6 +209,12 @@ def validate(options: Options):
         raise ValueError(f"unknown variant {unknown[0]!r} (choose from {', '.join(VARIANTS)})")
     if options.variants and options.data is None:
         raise ValueError("--variants needs --data: they are compared by their accuracy")
+    if options.metric not in METRICS:
+        raise ValueError(f"unknown metric {options.metric!r} (choose from {', '.join(METRICS)})")
+    if options.plot is not None:
+        if options.data is None:
+            raise ValueError("--plot needs --data: it plots the variants' accuracy against their work")
+        check_plot_path(options.plot)
     require(options.compare)
 
 
@@ -280,6 +291,8 @@ def _run(options: Options, checkpoint: Optional[Path]) -> dict:
         result["breakdown"] = run_breakdown(model, prompts, params, options.repeats, options.seed)
     if options.data:
         result["evaluation"] = run_evaluation(model, tokenizer, options)
+        if options.plot:
+            plot_tradeoff(result["evaluation"], Path(options.plot).expanduser(), title=source)
     del model
     gc.collect()
     mx.clear_cache()

@@ -22,8 +22,10 @@ from ..thinking import END_OF_TURN
 from .breakdown import layer_shapes, matmul_flops, matmul_shapes
 
 
-def step_flops(args: ModelArgs, batch: int, cache_len: int, self_conditioning: bool, top_k: int = 0) -> int:
-    shapes = matmul_shapes(args, batch, cache_len, self_conditioning, top_k)
+def step_flops(
+    args: ModelArgs, batch: int, cache_len: int, self_conditioning: bool, top_k: int = 0, rows: Optional[int] = None
+) -> int:
+    shapes = matmul_shapes(args, batch, cache_len, self_conditioning, top_k, rows)
     return sum(matmul_flops(s) for s in shapes.values())
 
 
@@ -32,16 +34,26 @@ def encode_flops(args: ModelArgs, batch: int, tokens: int, cache_len: int) -> in
 
 
 def generation_flops(
-    args: ModelArgs, batch: int, prompt_tokens: int, steps_per_canvas: Sequence[int], top_k: int = 0
+    args: ModelArgs,
+    batch: int,
+    prompt_tokens: int,
+    steps_per_canvas: Sequence[int],
+    top_k: int = 0,
+    positions: Optional[Sequence[Sequence[int]]] = None,
 ) -> Dict[str, int]:
     """FLOPs of the denoising steps and of the canvas encodings of one
-    generation after a prompt of ``prompt_tokens`` (prompt encoding apart)."""
+    generation after a prompt of ``prompt_tokens`` (prompt encoding apart).
+    ``positions``, per canvas, the positions each step computed
+    (``Progress.canvas_positions``; the whole canvas where not given or 0)."""
     C = args.canvas_length
     denoise = encode = 0
     for index, steps in enumerate(steps_per_canvas):
         cache_len = prompt_tokens + index * C
-        denoise += step_flops(args, batch, cache_len, False, top_k)
-        denoise += (steps - 1) * step_flops(args, batch, cache_len, True, top_k)
+        computed = list(positions[index]) if positions else []
+        computed += [0] * (steps - len(computed))
+        for step, rows in enumerate(computed[:steps]):
+            rows = None if rows in (0, C) else rows
+            denoise += step_flops(args, batch, cache_len, step > 0, top_k, rows)
         if index < len(steps_per_canvas) - 1:
             encode += encode_flops(args, batch, C, cache_len)
     return dict(denoise=denoise, encode=encode)
@@ -56,6 +68,16 @@ VARIANTS = {
     "2-steps": dict(max_denoising_steps=2),
     "confident-once": dict(stability_threshold=0),
     "confident-once-0.05": dict(stability_threshold=0, confidence_threshold=0.05),
+    "threshold-0.9": dict(accept_threshold=0.9),
+    "threshold-0.7": dict(accept_threshold=0.7),
+    "threshold-0.5": dict(accept_threshold=0.5),
+    "commit-1": dict(commit_after=1),
+    "commit-2": dict(commit_after=2),
+    "threshold-0.9+commit-1": dict(accept_threshold=0.9, commit_after=1),
+    "threshold-0.7+commit-1": dict(accept_threshold=0.7, commit_after=1),
+    "threshold-0.9+commit-1+confident-once": dict(accept_threshold=0.9, commit_after=1, stability_threshold=0),
+    "commit-1+reuse-4": dict(commit_after=1, reuse_committed=4),
+    "threshold-0.9+commit-1+reuse-4": dict(accept_threshold=0.9, commit_after=1, reuse_committed=4),
     "fast": dict(fast=True),
 }
 
@@ -66,7 +88,30 @@ VARIANT_HELP = {
     "2-steps": "at most 2 steps per canvas",
     "confident-once": "stop at the first confident step (stability threshold 0)",
     "confident-once-0.05": "the same, confident below 0.05 nats of mean entropy",
+    "threshold-0.9": "also accept positions whose top token has probability >= 0.9",
+    "threshold-0.7": "the same at 0.7",
+    "threshold-0.5": "the same at 0.5",
+    "commit-1": "commit an accepted position whose argmax held for 1 step",
+    "commit-2": "the same after 2 steps",
+    "threshold-0.9+commit-1": "threshold-0.9 and commit-1",
+    "threshold-0.7+commit-1": "threshold-0.7 and commit-1",
+    "threshold-0.9+commit-1+confident-once": "threshold-0.9, commit-1 and confident-once",
+    "commit-1+reuse-4": "commit-1, the decoder run over uncommitted positions only, a full pass every 5th step",
+    "threshold-0.9+commit-1+reuse-4": "threshold-0.9 and commit-1+reuse-4",
     "fast": f"the fast setting: {', '.join(f'{k}={v}' for k, v in FAST.items())}",
+}
+
+
+def _words_any_order(text: str, answer: str) -> bool:
+    return sorted(text.split()) == sorted(answer.split())
+
+
+# How an answer is scored against the reference's: exactly, or (for tasks
+# whose answers may list the same words in any order, examples/roster) as a
+# multiset of whitespace-separated words.
+METRICS = {
+    "exact": lambda text, answer: text == answer,
+    "any-order": _words_any_order,
 }
 
 
@@ -132,14 +177,16 @@ def evaluate(
     seed: int = 0,
     max_tokens: int = 256,
     params: Optional[SamplerParams] = None,
+    metric: str = "exact",
     **settings,
 ) -> dict:
-    """Exact-match accuracy and work per committed token over ``problems``:
-    each question through the chat template and ``stream_generate`` (seed
-    ``seed`` + its index); the answer must equal the text before the end of
-    the turn, stripped. ``params`` or ``settings``: the sampler's, as for
-    ``stream_generate``."""
+    """Accuracy and work per committed token over ``problems``: each question
+    through the chat template and ``stream_generate`` (seed ``seed`` + its
+    index); the text before the end of the turn, stripped, must match the
+    answer by ``METRICS[metric]``. ``params`` or ``settings``: the sampler's,
+    as for ``stream_generate``."""
     params = sampler_params(model, params, settings)
+    right = METRICS[metric]
     score = Score(problems=len(problems))
     tic = time.perf_counter()
     for i, (question, answer) in enumerate(problems):
@@ -148,12 +195,14 @@ def evaluate(
         for last in stream_generate(model, tokenizer, prompt, max_tokens, seed=seed + i, params=params):
             progress.update(last)
             text += last.text
-        score.exact += text.removesuffix(END_OF_TURN).strip() == answer
+        score.exact += bool(right(text.removesuffix(END_OF_TURN).strip(), answer))
         steps = [progress.steps[c] for c in sorted(progress.steps)]
         score.canvases += len(steps)
         score.steps += sum(steps)
         score.committed_tokens += last.generation_tokens + (last.stop_token is not None)
-        flops = generation_flops(model.args, 1, last.prompt_tokens, steps, params.self_conditioning_top_k)
+        flops = generation_flops(
+            model.args, 1, last.prompt_tokens, steps, params.self_conditioning_top_k, progress.canvas_positions()
+        )
         score.denoise_flops += flops["denoise"]
         score.encode_flops += flops["encode"]
     score.seconds = time.perf_counter() - tic

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..benchmark import PRESETS, Options, format_report, run_benchmark, validate
 from ..benchmark.compare import COMPARISONS
-from ..benchmark.work import VARIANTS
+from ..benchmark.work import METRICS, VARIANTS
 from ..files import write_text
 from ..recipes import RECIPES
 from . import ArgumentParser, prog, run
@@ -82,6 +82,19 @@ def setup_arg_parser() -> ArgumentParser:
         default=[],
         choices=tuple(VARIANTS),
         help="sampler variants to evaluate with --data (default: all; the reference always)",
+    )
+    parser.add_argument(
+        "--metric",
+        choices=tuple(METRICS),
+        default="exact",
+        help="how --data's answers are scored: exact (default) or any-order (the same words in any order)",
+    )
+    parser.add_argument(
+        "--plot",
+        default=None,
+        metavar="PATH",
+        help="with --data: also draw each variant's accuracy against its denoising FLOPs per token, "
+        "as a PNG here (needs matplotlib)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts (default 0)")
     parser.add_argument("--format", choices=("table", "json"), default="table", help="what to print")

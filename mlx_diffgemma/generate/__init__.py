@@ -79,6 +79,7 @@ class DenoisingStep:
     # [B, C] float32: log-probability the step gives each fixed position's
     # token (0 elsewhere); None on canvases without fixed positions.
     fixed_logprob: Optional[mx.array] = None
+    positions: int = 0  # canvas positions per row the step's decoder pass computed
 
 
 @dataclass
@@ -132,6 +133,8 @@ def _queue(result):
         state.signal,
         state.history,
         state.stopped,
+        state.streak,
+        state.committed,
         update.entropy,
         update.accepted,
         update.fixed_logprob,
@@ -225,6 +228,7 @@ def generate_step(
                 new_stopped,
                 denoised,
                 update.fixed_logprob,
+                state.positions,
             )
             done = all(resting) or step == N
             if ahead is not None and (done or new_stopped != stopped):
@@ -299,6 +303,9 @@ class GenerationResponse:
     finish_reason: Optional[str]
     stop_token: Optional[int] = None  # the EOS id that ended the row, if any
     row: int = 0
+    # Canvas positions per row this step's decoder pass computed: the canvas
+    # length, fewer for an approximate step (``reuse_committed``); 0 on a commit.
+    positions: int = 0
     _argmax: Optional[mx.array] = field(default=None, repr=False)  # the step's [B, C] argmax canvas
     _eos: Sequence[int] = field(default=(), repr=False)
     _tokenizer: Any = field(default=None, repr=False)
@@ -338,7 +345,8 @@ def stream_generate(
     The sampler's settings are ``params`` (``SamplerParams.resolve(model,
     ...)``), or keyword ``settings`` (``max_denoising_steps``, ``t_min``,
     ``t_max``, ``entropy_bound``, ``stability_threshold``,
-    ``confidence_threshold``, ``self_conditioning_top_k``, ``fast``), each
+    ``confidence_threshold``, ``self_conditioning_top_k``, ``accept_threshold``,
+    ``commit_after``, ``reuse_committed``, ``fast``), each
     defaulting to the checkpoint's generation config. ``prompt_cache`` (from
     ``model.make_cache()``) keeps the encoded conversation across calls.
     """
@@ -374,7 +382,7 @@ def stream_generate(
     total_steps = 0
     tic = time.perf_counter()
 
-    def response(row, event, text="", ids=(), finish_reason=None, stop_token=None, argmax=None):
+    def response(row, event, text="", ids=(), finish_reason=None, stop_token=None, argmax=None, positions=0):
         elapsed = max(time.perf_counter() - tic, 1e-9)
         return GenerationResponse(
             text=text,
@@ -392,6 +400,7 @@ def stream_generate(
             finish_reason=finish_reason,
             stop_token=stop_token,
             row=row,
+            positions=positions,
             _argmax=argmax,
             _eos=sp.eos_token_id,
             _tokenizer=tokenizer,
@@ -404,7 +413,7 @@ def stream_generate(
                 forward_passes[r] += event.denoised[r]
             for r in range(B):
                 if not finished[r]:
-                    yield response(r, event, argmax=event.argmax)
+                    yield response(r, event, argmax=event.argmax, positions=event.positions)
             continue
         for r in range(B):
             if not event.active[r]:
