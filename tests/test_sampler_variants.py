@@ -13,7 +13,7 @@ import pytest
 
 from mlx_diffgemma import sampler
 from mlx_diffgemma.benchmark import PRESETS, random_model
-from mlx_diffgemma.benchmark.work import METRICS
+from mlx_diffgemma.benchmark.work import answer_check
 from mlx_diffgemma.denoising import CanvasState, sample_step
 from mlx_diffgemma.sampler_params import SamplerParams
 
@@ -143,16 +143,35 @@ def test_the_command_line_refuses_a_threshold_above_one():
     assert "Traceback" not in r.stderr
 
 
-def test_any_order_metric_compares_words_as_a_multiset():
-    right = METRICS["any-order"]
-    assert right("b a c", "a b c") and right("a  b", "b a")
-    assert not right("a a c", "a b c") and not right("a b", "a b c")
-    assert METRICS["exact"]("a b", "a b") and not METRICS["exact"]("b a", "a b")
+SHIFT_CHECK = """
+import sys
+sys.path.insert(0, {shift!r})
+from build import FILLER, shift
+
+def check(question, written, answer):
+    return written == shift(question.rstrip(FILLER))  # the task's rule; the answer key is not read
+"""
 
 
-def test_the_benchmark_plots_the_variants_and_scores_any_order(tmp_path):
-    """--metric any-order counts an answer with the right words in another
-    order; --plot writes a PNG of the variants' accuracy against their work."""
+def test_a_task_s_own_check_scores_the_answers(tmp_path):
+    checker = tmp_path / "task.py"
+    checker.write_text("def check(question, written, answer):\n    return sorted(written) == sorted(answer)\n")
+    right = answer_check(f"{checker}:check")
+    assert right("q", "ba", "ab") and not right("q", "aa", "ab")
+    assert answer_check("exact")("q", "ab", "ab") and not answer_check("exact")("q", "ba", "ab")
+    for metric, message in [
+        ("fuzzy", "not 'exact' nor FILE.py:FUNCTION"),
+        (f"{tmp_path}/none.py:check", "no such file"),
+        (f"{checker}:score", "has no function 'score'"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            answer_check(metric)
+
+
+def test_the_benchmark_plots_the_variants_and_scores_by_the_task_s_check(tmp_path):
+    """--metric FILE.py:FUNCTION scores by the task's rule, not the answer key
+    (both keys here are wrong); --plot writes a PNG of the variants' accuracy
+    against their work."""
     from mlx_diffgemma.benchmark import Options, run_benchmark
 
     sys.path.insert(0, str(ROOT / "examples" / "shift"))
@@ -162,15 +181,18 @@ def test_the_benchmark_plots_the_variants_and_scores_any_order(tmp_path):
         sys.path.pop(0)
     rng = np.random.default_rng(build.SPLITS["test"][1])
     problems = [build.problem(rng) for _ in range(2)]
-    # Two words the model writes as one: "xy zw" is right in any order as "zw xy".
-    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in problems]
+    rows = [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "wrong"}]} for q, _ in problems
+    ]
     (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    checker = tmp_path / "shift_check.py"
+    checker.write_text(SHIFT_CHECK.format(shift=str(ROOT / "examples" / "shift")))
     plot = tmp_path / "tradeoff.png"
     options = Options(
         model=str(ROOT / "examples" / "shift" / "model"),
         data=str(tmp_path),
         variants=["threshold-0.9+commit-1"],
-        metric="any-order",
+        metric=f"{checker}:check",
         plot=str(plot),
         prompt_tokens=16,
         max_tokens=32,
@@ -179,11 +201,10 @@ def test_the_benchmark_plots_the_variants_and_scores_any_order(tmp_path):
     )
     result = run_benchmark(options)
     evaluation = result["evaluation"]
-    assert evaluation["metric"] == "any-order" and list(evaluation["variants"]) == [
-        "reference",
-        "threshold-0.9+commit-1",
-    ]
+    assert list(evaluation["variants"]) == ["reference", "threshold-0.9+commit-1"]
     assert evaluation["variants"]["reference"]["exact"] == 2
+    exact = run_benchmark(Options(**{**options.__dict__, "metric": "exact", "plot": None, "variants": ["reference"]}))
+    assert exact["evaluation"]["variants"]["reference"]["exact"] == 0
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
 
@@ -194,7 +215,7 @@ def test_the_benchmark_plots_the_variants_and_scores_any_order(tmp_path):
         (["--plot", "x.png"], "--plot needs --data"),
         (["--model", "examples/shift/model", "--data", "{data}", "--plot", "x.txt"], "name it *.png"),
         (["--model", "examples/shift/model", "--data", "{data}", "--plot", "/nowhere/x.png"], "no such directory"),
-        (["--metric", "fuzzy"], "invalid choice: 'fuzzy'"),
+        (["--model", "examples/shift/model", "--data", "{data}", "--metric", "fuzzy"], "--metric fuzzy: not"),
     ],
 )
 def test_bad_plot_and_metric_flags_are_refused_before_any_timing(tmp_path, flags, message):

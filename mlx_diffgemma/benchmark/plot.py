@@ -45,7 +45,9 @@ def plot_tradeoff(evaluation: dict, path: Path, title: str = "") -> Path:
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("denoising MFLOP per committed token (log scale)")
-    ax.set_ylabel(f"accuracy, % ({evaluation.get('metric', 'exact')}, {evaluation['problems']} problems)")
+    metric = evaluation.get("metric", "exact")
+    how = "exact match" if metric == "exact" else metric.rpartition(":")[2]
+    ax.set_ylabel(f"accuracy, % ({how}, {evaluation['problems']} problems)")
     ax.set_title(title or evaluation["data"], fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()

@@ -27,7 +27,7 @@ from .compare import COMPARISONS, compare_autoregressive, compare_mlx_vlm, compa
 from .machine import load_average, machine_info
 from .plot import check_plot_path, plot_tradeoff
 from .presets import PRESETS, quantize, random_model, random_prompts, write_hf_checkpoint
-from .work import METRICS, VARIANTS, evaluate, evaluation_file, generation_flops, read_problems
+from .work import VARIANTS, answer_check, evaluate, evaluation_file, generation_flops, read_problems
 
 
 @dataclass
@@ -209,8 +209,7 @@ def validate(options: Options):
         raise ValueError(f"unknown variant {unknown[0]!r} (choose from {', '.join(VARIANTS)})")
     if options.variants and options.data is None:
         raise ValueError("--variants needs --data: they are compared by their accuracy")
-    if options.metric not in METRICS:
-        raise ValueError(f"unknown metric {options.metric!r} (choose from {', '.join(METRICS)})")
+    answer_check(options.metric)
     if options.plot is not None:
         if options.data is None:
             raise ValueError("--plot needs --data: it plots the variants' accuracy against their work")

@@ -7,11 +7,12 @@ tokens into the cache. No sampler rule removes that encoding: it is the floor
 of one forward pass per canvas.
 """
 
+import importlib.util
 import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..chat_template import render
 from ..config import ModelArgs
@@ -102,17 +103,29 @@ VARIANT_HELP = {
 }
 
 
-def _words_any_order(text: str, answer: str) -> bool:
-    return sorted(text.split()) == sorted(answer.split())
-
-
-# How an answer is scored against the reference's: exactly, or (for tasks
-# whose answers may list the same words in any order, examples/roster) as a
-# multiset of whitespace-separated words.
-METRICS = {
-    "exact": lambda text, answer: text == answer,
-    "any-order": _words_any_order,
-}
+def answer_check(metric: str) -> Callable[[str, str, str], bool]:
+    """How an answer is scored: equal to the reference's answer ("exact"), or
+    by a task's own check, "FILE.py:FUNCTION", called as FUNCTION(question,
+    written, answer) -> bool (examples/fill, whose puzzles have many right
+    answers). ValueError naming --metric if it cannot be loaded."""
+    if metric == "exact":
+        return lambda question, written, answer: written == answer
+    path, _, name = metric.rpartition(":")
+    if not path.endswith(".py") or not name.isidentifier():
+        raise ValueError(f"--metric {metric}: not 'exact' nor FILE.py:FUNCTION")
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ValueError(f"--metric {metric}: no such file {file}")
+    spec = importlib.util.spec_from_file_location(f"_metric_{file.stem}", file)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        raise ValueError(f"--metric {metric}: {file} failed to load ({type(e).__name__}: {e})") from None
+    check = getattr(module, name, None)
+    if not callable(check):
+        raise ValueError(f"--metric {metric}: {file} has no function {name!r}")
+    return check
 
 
 def read_problems(path: Path, limit: Optional[int] = None) -> List[Tuple[str, str]]:
@@ -182,11 +195,11 @@ def evaluate(
 ) -> dict:
     """Accuracy and work per committed token over ``problems``: each question
     through the chat template and ``stream_generate`` (seed ``seed`` + its
-    index); the text before the end of the turn, stripped, must match the
-    answer by ``METRICS[metric]``. ``params`` or ``settings``: the sampler's,
+    index); the text before the end of the turn, stripped, is right by
+    ``answer_check(metric)``. ``params`` or ``settings``: the sampler's,
     as for ``stream_generate``."""
     params = sampler_params(model, params, settings)
-    right = METRICS[metric]
+    right = answer_check(metric)
     score = Score(problems=len(problems))
     tic = time.perf_counter()
     for i, (question, answer) in enumerate(problems):
@@ -195,7 +208,7 @@ def evaluate(
         for last in stream_generate(model, tokenizer, prompt, max_tokens, seed=seed + i, params=params):
             progress.update(last)
             text += last.text
-        score.exact += bool(right(text.removesuffix(END_OF_TURN).strip(), answer))
+        score.exact += bool(right(question, text.removesuffix(END_OF_TURN).strip(), answer))
         steps = [progress.steps[c] for c in sorted(progress.steps)]
         score.canvases += len(steps)
         score.steps += sum(steps)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..benchmark import PRESETS, Options, format_report, run_benchmark, validate
 from ..benchmark.compare import COMPARISONS
-from ..benchmark.work import METRICS, VARIANTS
+from ..benchmark.work import VARIANTS
 from ..files import write_text
 from ..recipes import RECIPES
 from . import ArgumentParser, prog, run
@@ -85,9 +85,10 @@ def setup_arg_parser() -> ArgumentParser:
     )
     parser.add_argument(
         "--metric",
-        choices=tuple(METRICS),
         default="exact",
-        help="how --data's answers are scored: exact (default) or any-order (the same words in any order)",
+        metavar="exact|FILE.py:FUNCTION",
+        help="how --data's answers are scored: equal to the answer given (exact, the default), or by a "
+        "task's check, FUNCTION(question, written, answer) -> bool in FILE.py (examples/fill/build.py:check)",
     )
     parser.add_argument(
         "--plot",

@@ -1,18 +1,19 @@
-"""The roster model on its held-out problems: how many steps a canvas takes and
+"""The fill model on its held-out problems: how many steps a canvas takes and
 how often the answer is right, for whole answers and for infill.
 
-    python examples/roster/evaluate.py --model examples/roster/model --data examples/roster/data
+    python examples/fill/evaluate.py --model examples/fill/model --data examples/fill/data
 
 Answers (test.jsonl): the question through the chat template and
-``stream_generate``; the answer is right when it holds every word of the
-question exactly once (``build.score``), and its slot accuracy is the share
-of the question's words it writes once. Steps per canvas are the sampler's.
+``stream_generate``; the answer is right when it solves the puzzle
+(``build.score``: every row a permutation of the letters keeping the given
+ones), and row accuracy is the share of rows that do. Steps per canvas are
+the sampler's.
 
-Infill (infill.jsonl): 1 to 3 words cut out of a right answer, written with
-the gap's length given between the text before and after it
-(``stream_infill``), and by the baseline that ignores the suffix
-(``stream_generate`` from the prefix, cut at the same length). A gap counts
-when its words are the missing ones, in any order, each followed by its space.
+Infill (infill.jsonl): 1 to 4 characters of one row, from a dot on, cut out
+of a right answer, written with the gap's length given between the text
+before and after it (``stream_infill``), and by the baseline that ignores
+the suffix (``stream_generate`` from the prefix, cut at the same length). A
+gap counts when the answer with it filled in solves the puzzle.
 
 Every problem is seeded (its index), so a run repeats. ``--settings`` takes
 sampler settings as JSON (``{"fast": true}``) to score a variant.
@@ -39,7 +40,7 @@ from build import score  # noqa: E402
 
 
 def answers(model, tokenizer, problems, params):
-    steps, right, slots, words = [], 0, 0, 0
+    steps, right, rows, of = [], 0, 0, 0
     for i, (question, _) in enumerate(problems):
         prompt = render(tokenizer, [{"role": "user", "content": question}])
         progress, text = Progress(), ""
@@ -49,24 +50,20 @@ def answers(model, tokenizer, problems, params):
         steps += [progress.steps[c] for c in sorted(progress.steps)]
         s = score(question, text.removesuffix(END_OF_TURN).strip())
         right += s["right"]
-        slots += s["slots"]
-        words += s["words"]
+        rows += s["rows"]
+        of += s["of"]
     return dict(
         problems=len(problems),
         right=right / len(problems),
-        slot_accuracy=slots / words,
+        row_accuracy=rows / of,
         median_steps_per_canvas=float(np.median(steps)),
         mean_steps_per_canvas=float(np.mean(steps)),
         steps_histogram=np.bincount(steps).tolist(),
     )
 
 
-def filled_right(text: str, middle: str) -> bool:
-    """The gap's words are the missing ones, in any order, each followed by a space."""
-    return text.endswith(" ") and sorted(text.split(" ")[:-1]) == sorted(middle.split(" ")[:-1])
-
-
 def gaps(model, tokenizer, rows, params):
+    """Infill with the suffix against the baseline without it, same length."""
     end_of_turn = tokenizer.encode(END_OF_TURN, add_special_tokens=False)
     right = {"infill": 0, "baseline": 0}
     steps = []
@@ -77,11 +74,11 @@ def gaps(model, tokenizer, rows, params):
         length = len(plain_ids(tokenizer, row["middle"]))
         result = last(stream_infill(model, tokenizer, prefix, suffix, length, seed=i, params=params))
         steps.append(result.denoising_steps)
-        right["infill"] += filled_right(result.text, row["middle"])
         written = []
         for response in stream_generate(model, tokenizer, prefix, length, seed=i, params=params):
             written += response.token_ids
-        right["baseline"] += filled_right(tokenizer.decode(written[:length]), row["middle"])
+        for name, middle in (("infill", result.text), ("baseline", tokenizer.decode(written[:length]))):
+            right[name] += score(row["question"], row["prefix"] + middle + row["suffix"])["right"]
     return {name: n / len(rows) for name, n in right.items()} | {
         "problems": len(rows),
         "infill_mean_steps": float(np.mean(steps)),
@@ -99,9 +96,7 @@ def main():
     args = parser.parse_args()
     for name in ("test.jsonl", "infill.jsonl"):
         if not (args.data / name).is_file():
-            sys.exit(
-                f"error: {args.data / name}: missing (build it: python examples/roster/build.py --data {args.data})"
-            )
+            sys.exit(f"error: {args.data / name}: missing (build it: python examples/fill/build.py --data {args.data})")
     model, tokenizer = load(args.model, adapter_path=args.adapter_path)
     params = SamplerParams.resolve(model, **args.settings)
     tic = time.perf_counter()
