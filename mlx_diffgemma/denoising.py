@@ -156,7 +156,14 @@ def sample_step(
     streak, committed = state.streak, state.committed
     if committed is not None:
         streak, committed = sampler.commit_stable(
-            argmax, state.argmax, streak, update.accepted, committed, params.commit_after
+            argmax,
+            state.argmax,
+            streak,
+            update.accepted,
+            update.entropy,
+            committed,
+            params.commit_after,
+            params.confidence_threshold,
         )
         if hold:
             streak = sampler.hold_finished_rows(state.stopped, state.streak, streak)

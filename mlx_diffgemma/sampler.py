@@ -321,19 +321,24 @@ def commit_stable(
     previous_argmax: mx.array,
     streak: mx.array,
     accepted: mx.array,
+    entropy: mx.array,
     committed: mx.array,
     commit_after: int,
+    confidence_threshold: float,
 ) -> Tuple[mx.array, mx.array]:
     """Per-position early commitment (a departure from the reference, which
-    resamples every position every step): (streak, committed) after a step.
+    resamples every position every step): the canvas' stop rule applied to
+    each position alone. Returns (streak, committed) after a step.
 
     ``streak`` [B, C] counts the steps a position's argmax has not changed
     (-1 before a canvas' first step); a position is committed once it is
-    accepted with a streak of at least ``commit_after``, and stays committed.
-    The caller then holds it at its argmax as a fixed position.
+    accepted, its streak is at least ``commit_after`` and its own entropy is
+    under ``confidence_threshold``, and stays committed. The caller then
+    holds it at its argmax as a fixed position.
     """
     streak = mx.where(argmax_canvas == previous_argmax, streak + 1, 0)
-    return streak, committed | (accepted & (streak >= commit_after))
+    ready = accepted & (streak >= commit_after) & (entropy < confidence_threshold)
+    return streak, committed | ready
 
 
 def split_at_eos(tokens: Sequence[int], eos_ids: Sequence[int]) -> Tuple[List[int], Optional[int]]:

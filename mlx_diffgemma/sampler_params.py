@@ -78,9 +78,9 @@ class SamplerParams:
         0,
         int,
         0,
-        "Commit a position once it is accepted and its argmax has not changed for N steps: it keeps "
-        "that token for the rest of the canvas and counts as certain; departs from the reference "
-        "(0: never, every position is resampled each step).",
+        "Commit a position once it is accepted, its argmax has not changed for N steps and its entropy "
+        "is under --confidence-threshold (the stop rule, per position): it keeps that token for the rest "
+        "of the canvas; departs from the reference (0: never, every position is resampled each step).",
         "N",
     )
     reuse_committed: int = _setting(

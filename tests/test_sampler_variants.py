@@ -47,16 +47,17 @@ def test_threshold_acceptance_adds_exactly_the_confident_positions(threshold):
     assert mx.array_equal(ours.argmax_canvas, reference.argmax_canvas).item()
 
 
-def test_commit_stable_counts_unchanged_steps_and_needs_acceptance():
-    argmax = mx.array([[5, 5, 7, 9]], dtype=mx.int32)
-    previous = mx.array([[5, 5, 6, 9]], dtype=mx.int32)
-    streak = mx.array([[0, -1, 3, 1]], dtype=mx.int32)
-    accepted = mx.array([[True, True, True, False]])
-    committed = mx.zeros((1, 4), dtype=mx.bool_)
-    streak, committed = sampler.commit_stable(argmax, previous, streak, accepted, committed, 1)
-    assert streak.tolist() == [[1, 0, 0, 2]]
-    # Position 3 is stable but not accepted; position 1 is on its first step.
-    assert committed.tolist() == [[True, False, False, False]]
+def test_commit_stable_counts_unchanged_steps_and_needs_acceptance_and_confidence():
+    argmax = mx.array([[5, 5, 7, 9, 4]], dtype=mx.int32)
+    previous = mx.array([[5, 5, 6, 9, 4]], dtype=mx.int32)
+    streak = mx.array([[0, -1, 3, 1, 2]], dtype=mx.int32)
+    accepted = mx.array([[True, True, True, False, True]])
+    entropy = mx.array([[0.001, 0.0, 0.0, 0.0, 0.2]])
+    committed = mx.zeros((1, 5), dtype=mx.bool_)
+    streak, committed = sampler.commit_stable(argmax, previous, streak, accepted, entropy, committed, 1, 0.005)
+    assert streak.tolist() == [[1, 0, 0, 2, 3]]
+    # Position 3 is stable but not accepted; 1 is on its first step; 4 is stable but unsure.
+    assert committed.tolist() == [[True, False, False, False, False]]
 
 
 def _peaked(vocab, canvas, tokens, height=30.0):
@@ -191,7 +192,7 @@ def test_the_benchmark_plots_the_variants_and_scores_by_the_task_s_check(tmp_pat
     options = Options(
         model=str(ROOT / "examples" / "shift" / "model"),
         data=str(tmp_path),
-        variants=["threshold-0.9+commit-1"],
+        variants=["threshold-0.9+commit-1+reuse-4"],
         metric=f"{checker}:check",
         plot=str(plot),
         prompt_tokens=16,
@@ -201,7 +202,7 @@ def test_the_benchmark_plots_the_variants_and_scores_by_the_task_s_check(tmp_pat
     )
     result = run_benchmark(options)
     evaluation = result["evaluation"]
-    assert list(evaluation["variants"]) == ["reference", "threshold-0.9+commit-1"]
+    assert list(evaluation["variants"]) == ["reference", "threshold-0.9+commit-1+reuse-4"]
     assert evaluation["variants"]["reference"]["exact"] == 2
     exact = run_benchmark(Options(**{**options.__dict__, "metric": "exact", "plot": None, "variants": ["reference"]}))
     assert exact["evaluation"]["variants"]["reference"]["exact"] == 0
@@ -293,8 +294,8 @@ def test_reuse_reports_fewer_positions_and_fewer_flops():
     model, tokenizer = load(str(ROOT / "examples" / "shift" / "model"))
     C = model.canvas_length
     prompt = tokenizer.encode("abcdefghij0123456789", add_special_tokens=False)
-    # Never confident: the canvas runs its 6 steps, so some run on few positions.
-    settings = dict(commit_after=1, max_denoising_steps=6, confidence_threshold=1e-12)
+    # Never stable long enough to stop: the canvas runs its 6 steps, some on few positions.
+    settings = dict(commit_after=1, max_denoising_steps=6, stability_threshold=10)
     counted = {}
     for reuse in (0, 3):
         progress = Progress()

@@ -101,10 +101,11 @@ def score(question: str, answer: str) -> dict:
     return {"right": right == len(puzzle) and len(rows) == len(puzzle), "rows": right, "of": len(puzzle)}
 
 
-def check(question: str, written: str, answer: str) -> bool:
-    """The benchmark's check (``--metric examples/fill/build.py:check``): any
-    solution counts, not only the reference's ``answer``."""
-    return score(question, written)["right"]
+def check(question: str, written: str, answer: str) -> float:
+    """The benchmark's check (``--metric examples/fill/build.py:check``): the
+    share of rows solved, by any right filling, not only the reference's ``answer``."""
+    s = score(question, written)
+    return s["rows"] / s["of"]
 
 
 def infill_problem(rng: np.random.Generator) -> dict:

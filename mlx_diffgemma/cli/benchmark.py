@@ -88,7 +88,8 @@ def setup_arg_parser() -> ArgumentParser:
         default="exact",
         metavar="exact|FILE.py:FUNCTION",
         help="how --data's answers are scored: equal to the answer given (exact, the default), or by a "
-        "task's check, FUNCTION(question, written, answer) -> bool in FILE.py (examples/fill/build.py:check)",
+        "task's check, FUNCTION(question, written, answer) -> a bool or a share 0-1, in FILE.py "
+        "(examples/fill/build.py:check)",
     )
     parser.add_argument(
         "--plot",
