@@ -20,6 +20,7 @@ sampler settings as JSON (``{"fast": true}``) to score a variant.
 """
 
 import argparse
+import importlib.util
 import json
 import sys
 import time
@@ -35,8 +36,16 @@ from mlx_diffgemma.sampler_params import SamplerParams
 from mlx_diffgemma.stats import Progress
 from mlx_diffgemma.thinking import END_OF_TURN
 
-sys.path.insert(0, str(Path(__file__).parent))
-from build import score  # noqa: E402
+
+def _build():
+    # build.py under its own name: examples/shift has a "build" module too.
+    spec = importlib.util.spec_from_file_location("fill_build", Path(__file__).with_name("build.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+score = _build().score
 
 
 def answers(model, tokenizer, problems, params):

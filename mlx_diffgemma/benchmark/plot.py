@@ -4,6 +4,7 @@ matplotlib is imported only here, when a plot is asked for: it is an optional
 dependency (``pip install mlx-diffgemma[plot]``).
 """
 
+import math
 from pathlib import Path
 
 from ..files import atomic_write, check_writable
@@ -38,11 +39,15 @@ def plot_tradeoff(evaluation: dict, path: Path, title: str = "") -> Path:
     plt = _pyplot()
     variants = evaluation["variants"]
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
+    placed = []  # (log10 x, y) of the points labelled so far
     for name, v in variants.items():
         x, y = v["denoise_flops_per_token"] / 1e6, 100 * v["accuracy"]
         special = {"reference": "tab:red", "fast": "tab:green"}.get(name)
         ax.scatter([x], [y], s=60 if special else 30, color=special or "tab:blue", zorder=3)
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        # Points close together get their labels stacked, not printed over each other.
+        near = sum(1 for px, py in placed if abs(px - math.log10(x)) < 0.2 and abs(py - y) < 4)
+        placed.append((math.log10(x), y))
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4 - 10 * near), fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("denoising MFLOP per committed token (log scale)")
     metric = evaluation.get("metric", "exact")
