@@ -1,6 +1,7 @@
 """Run Google's DiffusionGemma with MLX."""
 
 import _thread
+import signal
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,17 @@ def _interrupt_later():
     _thread.interrupt_main()
 
 
+_interrupted_while_importing = []
+
+
+def _hold_interrupt(signum, frame):
+    # An interrupt raised inside a C++ extension's call back into Python (torch,
+    # which transformers imports when installed, is pybind11) escapes as a C++
+    # exception and aborts the process (SIGABRT, "terminate called"): note it
+    # and raise it once the imports are done.
+    _interrupted_while_importing.append(signum)
+
+
 # Ctrl-C in a command's first seconds lands in the imports below, before the
 # command's own handler (cli.run) is there. Only for our commands: an app that
 # imports the package keeps its own hook. ("-m" is argv[0] while `python -m
@@ -36,6 +48,8 @@ _script = Path(sys.argv[0] if sys.argv else "").name
 if sys.argv[:1] == ["-m"] or _script == "mlx_diffgemma" or _script.startswith("mlx_diffgemma."):
     sys.excepthook = _quiet_interrupt
     sys.unraisablehook = _interrupt_again
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _hold_interrupt)
 
 # ``python -m mlx_diffgemma.edit``'s package first: it shares its name with the
 # function exported below, and a submodule imported for the first time later
@@ -49,6 +63,11 @@ from .generate import generate, stream_generate
 from .infill import edit, infill, stream_edit, stream_infill
 from .sampler_params import FAST, SamplerParams
 from .utils import load
+
+if signal.getsignal(signal.SIGINT) is _hold_interrupt:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    if _interrupted_while_importing:
+        raise KeyboardInterrupt
 
 __all__ = [
     "load",

@@ -624,6 +624,26 @@ def test_ctrl_c_inside_a_finalizer_still_stops_a_command():
     assert r.stdout.split() == ["unwound"] and r.stderr == ""
 
 
+def test_ctrl_c_during_the_imports_waits_for_them_to_finish():
+    """A Ctrl-C in a command's imports is held until they are done: one landing
+    inside a C++ extension's call back into Python (torch's pybind11) would
+    abort the process instead. Here it arrives while mlx_lm is being imported;
+    the command still stops as interrupted, after the package's last import."""
+    code = (
+        "import os, signal, sys\nsys.argv = ['mlx_diffgemma.fuse']\n"
+        "class Interrupt:\n    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'mlx_lm':\n            os.kill(os.getpid(), signal.SIGINT)\n"
+        "sys.meta_path.insert(0, Interrupt())\n"
+        "try:\n    import mlx_diffgemma\nexcept KeyboardInterrupt:\n"
+        "    handler = signal.getsignal(signal.SIGINT)\n"
+        "    print('mlx_diffgemma.utils' in sys.modules, handler is signal.default_int_handler)\n"
+        "    raise\n"
+    )
+    r = run("-c", code)
+    assert r.returncode in (130, -signal.SIGINT), r
+    assert r.stdout.split() == ["True", "True"] and r.stderr == ""
+
+
 def test_chat_does_not_send_an_unknown_command(model_dir):
     r = run("-m", "mlx_diffgemma.chat", "--model", model_dir, *FAST, "--verbose", "true", stdin=b"/bogus\n")
     assert r.returncode == 0, r.stderr
