@@ -1,7 +1,10 @@
 """DiffusionGemma's text config, read from a checkpoint's config.json."""
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
+
+if TYPE_CHECKING:
+    from .vision import VisionArgs
 
 
 class ConfigError(ValueError):
@@ -63,6 +66,14 @@ class ModelArgs:
     bos_token_id: int = 2
     eos_token_id: List[int] = field(default_factory=lambda: [1])
     model_type: str = "diffusion_gemma"
+    # Image input: the vision tower's shapes (None: a text-only model) and the
+    # ids that mark an image in a prompt (begin, one per soft token, end).
+    vision: Optional["VisionArgs"] = None
+    image_token_id: Optional[int] = None
+    boi_token_id: Optional[int] = None
+    eoi_token_id: Optional[int] = None
+    # "vision": a prompt's image tokens see each other both ways while encoding.
+    bidirectional_images: bool = False
 
     @classmethod
     def from_dict(cls, config: Dict[str, Any], source: str = "config.json"):
@@ -134,6 +145,19 @@ class ModelArgs:
             eos = token_ids(config.get("eos_token_id")) or token_ids(text.get("eos_token_id")) or [1]
         except (TypeError, ValueError):
             raise ConfigError(f"{source}: eos_token_id must be a token id or a list of them") from None
+        vision = None
+        if isinstance(config.get("vision_config"), dict):
+            from .vision import VisionArgs
+
+            vision = VisionArgs.from_dict(config["vision_config"], source)
+        image_ids = {}
+        for key in ("image_token_id", "boi_token_id", "eoi_token_id"):
+            value = config.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ConfigError(f"{source}: {key} must be a token id (got {value!r})")
+            image_ids[key] = value
+        if vision is not None and image_ids["image_token_id"] is None:
+            raise ConfigError(f"{source}: a vision_config needs an image_token_id")
         return cls(
             hidden_size=text["hidden_size"],
             num_hidden_layers=n,
@@ -157,6 +181,9 @@ class ModelArgs:
             pad_token_id=text.get("pad_token_id", 0) or 0,
             bos_token_id=text.get("bos_token_id", 2),
             eos_token_id=eos,
+            vision=vision,
+            bidirectional_images=text.get("use_bidirectional_attention") == "vision",
+            **image_ids,
         )
 
 

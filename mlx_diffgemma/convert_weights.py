@@ -20,6 +20,7 @@ from .staging import ConvertError
 from .utils import (
     LoadError,
     check_weights,
+    has_vision_weights,
     quantize_as_stored,
     sanitize,
     shard_files,
@@ -143,6 +144,8 @@ def plan_conversion(
         raise ConvertError(str(e)) from e
     placeholders = {name: mx.zeros(s.shape, s.mx_dtype) for name, s in slots.items()}
     weights, origin = sanitize(placeholders)
+    if args.vision is not None and not has_vision_weights(weights):
+        args.vision = None  # a text-only source (converted before vision was read): stays text-only
     model = Model(args)  # random weights, never evaluated: shapes only
     stored = {}
     if "quantization" in config:
@@ -187,7 +190,7 @@ def plan_conversion(
     for sources in grouped.values():
         outputs = convert_arrays({n: placeholders[n] for n in sources}, rules)
         if not outputs:
-            continue  # vision tower, tied head
+            continue  # the tied head
         rows = next(iter(sources.values())).rows
         chunked = (
             rows > 1

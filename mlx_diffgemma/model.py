@@ -12,12 +12,14 @@ from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx_lm.models.rope_utils import initialize_rope
 from mlx_lm.models.switch_layers import SwitchGLU
 
 from . import cpu_experts
 from .cache import LayerCache, PromptCache
 from .config import ModelArgs
+from .vision import VisionEmbedder, VisionTower
 
 
 @partial(mx.compile, shapeless=True)
@@ -296,6 +298,9 @@ class Model(nn.Module):
         self.layers = [Layer(args, i) for i in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.self_conditioning = SelfConditioning(args)
+        if args.vision is not None:
+            self.vision_tower = VisionTower(args.vision)
+            self.embed_vision = VisionEmbedder(args.vision, args.hidden_size)
         # What ``utils.load`` knows of the checkpoint beside its weights.
         self.generation_config: Dict[str, Any] = {}  # its generation_config.json
         self.path: Optional[str] = None  # where it was read from: errors about its weights name it
@@ -322,8 +327,10 @@ class Model(nn.Module):
         h = self.embed_tokens(ids)
         return h * self._embed_scale(h.dtype)
 
-    def _masks(self, cache: PromptCache, length: int, causal: bool):
-        """One mask per layer type, built once per call."""
+    def _masks(self, cache: PromptCache, length: int, causal: bool, blocks: Optional[mx.array] = None):
+        """One mask per layer type, built once per call. ``blocks`` [B, L]
+        numbers the images among the new tokens (-1 elsewhere): tokens of
+        one image also see each other, in every layer (the reference's rule)."""
         masks = cache.key_masks(length)
         if masks is not None:  # a training context, with its own rule per row
             return masks
@@ -336,23 +343,65 @@ class Model(nn.Module):
             keys = mx.arange(c.start, cache.offset + length)
             window = self.args.sliding_window if sliding else None
             masks[sliding] = _key_mask(positions, keys, causal, window, cache.left_padding)
+            if blocks is not None:
+                earlier = mx.full((blocks.shape[0], keys.shape[0] - length), -1, dtype=blocks.dtype)
+                key_blocks = mx.concatenate([earlier, blocks], axis=1)
+                same = (blocks[:, :, None] == key_blocks[:, None, :]) & (blocks[:, :, None] >= 0)
+                masks[sliding] = masks[sliding] | same[:, None]
         return masks
 
-    def _run_layers(self, h: mx.array, cache: PromptCache, encoding: bool) -> mx.array:
-        masks = self._masks(cache, h.shape[1], causal=encoding)
+    def _run_layers(self, h: mx.array, cache: PromptCache, encoding: bool, blocks=None) -> mx.array:
+        masks = self._masks(cache, h.shape[1], causal=encoding, blocks=blocks)
         for layer, c, sliding in zip(self.layers, cache, self.sliding_layers):
             h = layer(h, c, masks[sliding], encoding)
         return self.norm(h)
 
-    def encode(self, input_ids: mx.array, cache: PromptCache, left_padding=None) -> mx.array:
+    def encode(
+        self,
+        input_ids: mx.array,
+        cache: PromptCache,
+        left_padding=None,
+        image_features: Optional[mx.array] = None,
+    ) -> mx.array:
         """Append the tokens' keys and values to ``cache``; return final hidden states.
 
         ``left_padding`` (per row pad count) is given with the first chunk of a
-        left-padded batch and then remembered by the cache.
+        left-padded batch and then remembered by the cache. ``image_features``
+        [N, hidden] (``encode_image``'s, in the order the images appear, row
+        by row) take the place of the N image tokens among ``input_ids``; an
+        image's tokens must all be in this call.
         """
         if left_padding is not None:
             cache.left_padding = mx.array(left_padding)
-        return self._run_layers(self._embed(input_ids), cache, encoding=True)
+        h = self._embed(input_ids)
+        blocks = None
+        if image_features is not None:
+            h, blocks = self._place_images(input_ids, h, image_features)
+        return self._run_layers(h, cache, encoding=True, blocks=blocks)
+
+    def encode_image(self, pixels: mx.array, positions: mx.array, grid: Tuple[int, int]) -> mx.array:
+        """One image's patches (``images.ProcessedImage``) -> its soft tokens
+        in the text model's embedding space [P / 9, hidden]."""
+        if self.args.vision is None or "vision_tower" not in self:
+            raise ValueError(f"{self.path or 'this model'} has no vision tower: it reads text only")
+        return self.embed_vision(self.vision_tower(pixels, positions, grid))
+
+    def _place_images(self, input_ids: mx.array, h: mx.array, features: mx.array):
+        """``h`` with the image tokens' embeddings replaced by ``features``, and
+        the images' block numbers for the mask (None unless the model's image
+        tokens attend both ways)."""
+        ids = np.array(input_ids)
+        is_image = ids == self.args.image_token_id
+        rows, cols = np.nonzero(is_image)
+        if len(rows) != features.shape[0]:
+            raise ValueError(f"the prompt holds {len(rows)} image tokens for {features.shape[0]} image soft tokens")
+        if len(rows):
+            h[mx.array(rows), mx.array(cols)] = features.astype(h.dtype)
+        if not self.args.bidirectional_images:
+            return h, None
+        starts = is_image & ~np.concatenate([np.zeros_like(is_image[:, :1]), is_image[:, :-1]], axis=1)
+        blocks = np.where(is_image, np.cumsum(starts, axis=1) - 1, -1)
+        return h, mx.array(blocks.astype(np.int32))
 
     def soft_embedding(self, probs: mx.array) -> mx.array:
         """Expected token embedding under ``probs`` [B, C, V], times the embed scale."""

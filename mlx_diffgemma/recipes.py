@@ -11,15 +11,22 @@ from .utils import (
 
 # The model's quantizable pieces. The embedding is also the LM head and the
 # self-conditioning table; the router picks experts (a discrete choice that
-# small weight errors can flip).
-PIECES = ("experts", "router", "embedding", "attention", "mlp", "self_conditioning")
+# small weight errors can flip). The vision tower (and its projection) is one
+# piece: 3% of the weights, read once per image.
+PIECES = ("experts", "router", "embedding", "attention", "mlp", "self_conditioning", "vision")
 
 # What each recipe does with each piece: "requested" takes the --q-* settings,
 # "high" takes HIGH_PRECISION, None keeps the piece in --dtype. docs/convert.md
 # has the measurements behind the default.
 RECIPES = {
     "mixed": dict(
-        experts="requested", router=None, embedding="high", attention="high", mlp="high", self_conditioning="high"
+        experts="requested",
+        router=None,
+        embedding="high",
+        attention="high",
+        mlp="high",
+        self_conditioning="high",
+        vision=None,
     ),
     "uniform": dict.fromkeys(PIECES, "requested"),
     "experts-only": dict(dict.fromkeys(PIECES, None), experts="requested"),
@@ -30,6 +37,8 @@ HIGH_PRECISION = {"group_size": 64, "bits": 8, "mode": "affine"}
 
 def piece(path: str) -> str:
     """Which piece of the model a quantizable module belongs to."""
+    if path.startswith(("vision_tower.", "embed_vision.")):
+        return "vision"
     if ".experts." in path:
         return "experts"
     if path.endswith(".router.proj"):

@@ -126,6 +126,7 @@ def load_safetensors(model_path: Path) -> Tuple[Dict[str, mx.array], Dict[str, P
 _DECODER = "model.decoder."
 _ENCODER_SCALAR = re.compile(r"model\.encoder\.language_model\.layers\.(\d+)\.layer_scalar$")
 _VISION = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
+VISION_MODULES = ("vision_tower.", "embed_vision.")  # ours
 # Experts as Hugging Face stores them (fused gate/up, no ".weight") and as
 # mlx-vlm stores them (the same names with ".weight", ".scales", ".biases").
 _FUSED_EXPERTS = re.compile(r"(.*\.experts\.)(gate_up_proj|down_proj)(\.weight|\.scales|\.biases)?$")
@@ -136,8 +137,10 @@ def rename(name: str) -> List[str]:
 
     Reads the Hugging Face layout, mlx-vlm's layout and our own.
     """
-    if name.startswith(_VISION) or name == "lm_head.weight":
-        return []  # text-only model; the head is tied to the embedding
+    if name == "lm_head.weight":
+        return []  # the head is tied to the embedding
+    if name.startswith(_VISION):
+        return [name[len("model.encoder.") :]]
     m = _ENCODER_SCALAR.match(name)
     if m:
         return [f"layers.{m.group(1)}.encoder_layer_scalar"]
@@ -158,10 +161,7 @@ def sanitize(weights: Dict[str, mx.array]) -> Tuple[Dict[str, mx.array], Dict[st
     original. Names already in our layout (converted checkpoints) pass through.
     """
     out, origin = {}, {}
-    skipped_vision = 0
     for name, value in weights.items():
-        if name.startswith(_VISION):
-            skipped_vision += 1
         names = rename(name)
         if len(names) == 2:
             # Rows [0, I) are the gate, [I, 2I) the up projection. Quantized
@@ -173,9 +173,13 @@ def sanitize(weights: Dict[str, mx.array]) -> Tuple[Dict[str, mx.array], Dict[st
         for new, v in zip(names, values):
             out[new] = v
             origin[new] = name
-    if skipped_vision:
-        logger.info("Skipped %d vision-tower tensors (text-only model).", skipped_vision)
     return out, origin
+
+
+def has_vision_weights(weights) -> bool:
+    """Whether the (sanitized) weights include a vision tower; checkpoints
+    converted text-only keep the vision_config but not its tensors."""
+    return any(name.startswith(VISION_MODULES) for name in weights)
 
 
 def check_quantization(quantization, source: str = "config.json"):
@@ -287,6 +291,9 @@ def load_model(model_path: Path, lazy: bool = False) -> Model:
         raise LoadError(str(e)) from e
     tensors, files = load_safetensors(model_path)
     weights, origin = sanitize(tensors)
+    if args.vision is not None and not has_vision_weights(weights):
+        logger.info("%s: no vision-tower weights; the model reads text only.", model_path)
+        args.vision = None
     model = Model(args)
     if "quantization" in config:
         quantize_as_stored(model, config["quantization"], weights, model_path / "config.json")

@@ -50,9 +50,11 @@ VISION_CONFIG = dict(
 CANVAS = 16
 
 
-def make_config(**text_overrides) -> DiffusionGemmaConfig:
+def make_config(vision=None, **text_overrides) -> DiffusionGemmaConfig:
     text = dict(TEXT_CONFIG, **text_overrides)
-    return DiffusionGemmaConfig(text_config=text, vision_config=VISION_CONFIG, canvas_length=CANVAS)
+    return DiffusionGemmaConfig(
+        text_config=text, vision_config=dict(VISION_CONFIG, **(vision or {})), canvas_length=CANVAS
+    )
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0, same_scalars: bool = True):
@@ -78,6 +80,10 @@ def randomize_(model: torch.nn.Module, seed: int = 0, same_scalars: bool = True)
                 p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
         scalars = {}
         for name, b in model.named_buffers():
+            if name.endswith("vision_tower.std_bias"):
+                b.copy_(0.1 * torch.randn(b.shape, generator=g))
+            elif name.endswith("vision_tower.std_scale"):
+                b.copy_(1.0 + 0.1 * torch.randn(b.shape, generator=g))
             if name.endswith("layer_scalar"):
                 layer = name.split(".layers.")[1].split(".")[0]
                 # Encoder and decoder carry equal scalars in the release, but
@@ -88,10 +94,13 @@ def randomize_(model: torch.nn.Module, seed: int = 0, same_scalars: bool = True)
                 b.copy_(scalars[layer])
 
 
-def build_reference(path: Path, dtype=torch.float32, seed: int = 0, same_scalars: bool = True, **text_overrides):
-    """Save a random tiny checkpoint in the Hugging Face layout; return the torch model."""
+def build_reference(
+    path: Path, dtype=torch.float32, seed: int = 0, same_scalars: bool = True, vision=None, **text_overrides
+):
+    """Save a random tiny checkpoint in the Hugging Face layout; return the torch
+    model. ``vision`` overrides fields of the vision config."""
     torch.manual_seed(seed)
-    model = DiffusionGemmaForBlockDiffusion(make_config(**text_overrides)).eval()
+    model = DiffusionGemmaForBlockDiffusion(make_config(vision, **text_overrides)).eval()
     randomize_(model, seed, same_scalars)
     model = model.to(dtype)
     model.save_pretrained(path)

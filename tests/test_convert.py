@@ -127,11 +127,13 @@ def test_more_bits_less_error(converted, float_logits):
 @pytest.mark.parametrize(
     "recipe, expect",
     [
-        ("mixed", dict(experts=3, router=None, embedding=8, attention=8, mlp=8, self_conditioning=8)),
-        ("uniform", dict(experts=3, router=3, embedding=3, attention=3, mlp=3, self_conditioning=3)),
+        ("mixed", dict(experts=3, router=None, embedding=8, attention=8, mlp=8, self_conditioning=8, vision=None)),
+        ("uniform", dict(experts=3, router=3, embedding=3, attention=3, mlp=3, self_conditioning=3, vision=3)),
         (
             "experts-only",
-            dict(experts=3, router=None, embedding=None, attention=None, mlp=None, self_conditioning=None),
+            dict(
+                experts=3, router=None, embedding=None, attention=None, mlp=None, self_conditioning=None, vision=None
+            ),
         ),
     ],
 )
@@ -171,12 +173,15 @@ def test_output_layout(source, converted):
         assert f in names, f
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == {"model.safetensors"}
-    assert not any("vision" in k or k.startswith("model.") for k in index["weight_map"])
+    assert not any(k.startswith("model.") for k in index["weight_map"])
+    # The vision tower is kept, in our layout, and so is its config.
+    assert "vision_tower.patch_embedder.input_proj.weight" in index["weight_map"]
+    assert "embed_vision.embedding_projection.weight" in index["weight_map"]
     # Encoder and decoder weights once; the encoder's scalars beside the decoder's.
     assert "layers.0.encoder_layer_scalar" in index["weight_map"]
     assert index["metadata"]["total_size"] == sum(v.nbytes for v in mx.load(str(out / "model.safetensors")).values())
     config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] == "diffusion_gemma" and "vision_config" not in config
+    assert config["model_type"] == "diffusion_gemma" and "vision_config" in config
     assert config["quantization"]["bits"] == 4 and config["quantization"]["group_size"] == 64
     _, tokenizer = load(str(out))
     assert tokenizer is not None
@@ -495,7 +500,13 @@ def vlm_convert(src, dst, *args):
 # mlx-vlm's DiffusionGemma quant_predicate: embedding, attention, dense MLP and
 # router at 8-bit (group 64); experts and self-conditioning at the requested bits.
 VLM_RECIPE = dict(
-    experts="requested", router="high", embedding="high", attention="high", mlp="high", self_conditioning="requested"
+    experts="requested",
+    router="high",
+    embedding="high",
+    attention="high",
+    mlp="high",
+    self_conditioning="requested",
+    vision=None,  # mlx-vlm keeps vision towers in float
 )
 
 

@@ -26,6 +26,7 @@ from ..recipes import DEFAULT_RECIPE, PIECES, RECIPES, piece, quantization_setti
 from ..staging import ConvertError, check_replaceable, contains, staged_directory
 from ..utils import (
     DEFAULT_MODEL,
+    VISION_MODULES,
     LoadError,
     get_model_path,
     load_config,
@@ -45,6 +46,9 @@ COPIED_FILES = (
     "chat_template.jinja",
     "chat_template.json",
     "generation_config.json",
+    # The image processor's settings (the vision tower's input).
+    "processor_config.json",
+    "preprocessor_config.json",
 )
 
 
@@ -163,7 +167,9 @@ def convert(
     with staged_directory(target, force) as staging:
         index = write_weights(plan, staging, progress)
         (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
-        save_config(output_config(config, plan, dtype), staging / "config.json")
+        # mlx-lm's save_config drops vision_config unless told to keep it.
+        vision = any(name.startswith(VISION_MODULES) for name, _, _ in plan.outputs)
+        save_config(output_config(config, plan, dtype), staging / "config.json", keep_vision_config=vision)
         for name in COPIED_FILES:
             if (model_path / name).is_file():
                 shutil.copyfile(model_path / name, staging / name)
