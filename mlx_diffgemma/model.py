@@ -305,6 +305,7 @@ class Model(nn.Module):
         self.generation_config: Dict[str, Any] = {}  # its generation_config.json
         self.path: Optional[str] = None  # where it was read from: errors about its weights name it
         self.adapter_path: Optional[str] = None  # the LoRA adapters loaded on it, if any
+        self.image_processor = None  # its images.ImageProcessor, with a vision tower
 
     @property
     def canvas_length(self) -> int:

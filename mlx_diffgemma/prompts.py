@@ -3,9 +3,10 @@ and the prompt encoded into the cache."""
 
 import numbers
 import secrets
-from typing import List, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
+import numpy as np
 
 from . import sampler
 from .cache import PromptCache
@@ -91,20 +92,54 @@ def initial_canvases(initial_canvas, batch: int, canvas_length: int, vocab: int)
     return canvas
 
 
-def encode_prompt(model: Model, batch: List[List[int]], cache: PromptCache) -> int:
-    """Left-pad the rows to one length and encode them; returns the padded length."""
+def encode_prompt(
+    model: Model, batch: List[List[int]], cache: PromptCache, images: Optional[List[Optional[mx.array]]] = None
+) -> int:
+    """Left-pad the rows to one length and encode them; returns the padded length.
+
+    ``images`` holds per row the soft tokens of its images (``image_prompts.
+    image_features``), which take the place of its image tokens."""
     length = max(len(p) for p in batch)
     pad = model.args.pad_token_id
     padding = [length - len(p) for p in batch]
-    ids = mx.array([[pad] * n + p for n, p in zip(padding, batch)])
+    rows = np.array([[pad] * n + p for n, p in zip(padding, batch)])
+    ids = mx.array(rows)
     left_padding = padding if any(padding) else None
     if left_padding is not None and cache.offset:
         raise ValueError("a cached prompt can only be continued by rows of equal length")
-    for start in range(0, length, PREFILL_STEP):
-        model.encode(ids[:, start : start + PREFILL_STEP], cache, left_padding=left_padding)
+    is_image = None
+    if images is not None and any(f is not None for f in images):
+        is_image = rows == model.args.image_token_id
+        used = [0] * len(batch)
+    for start, end in _chunks(length, is_image):
+        features = None
+        if is_image is not None:
+            parts = []
+            for r, f in enumerate(images):
+                n = int(is_image[r, start:end].sum())
+                if n:
+                    parts.append(f[used[r] : used[r] + n])
+                    used[r] += n
+            features = mx.concatenate(parts, axis=0) if parts else None
+        model.encode(ids[:, start:end], cache, left_padding=left_padding, image_features=features)
         left_padding = None
         mx.eval([c.state for c in cache])
     return length
+
+
+def _chunks(length: int, is_image: Optional[np.ndarray]) -> List[Tuple[int, int]]:
+    """[start, end) of each PREFILL_STEP chunk, each end moved past any image
+    it would cut: an image's tokens attend to each other, so they are encoded
+    together."""
+    bounds, start = [], 0
+    while start < length:
+        end = min(start + PREFILL_STEP, length)
+        if is_image is not None:
+            while end < length and (is_image[:, end - 1] & is_image[:, end]).any():
+                end += 1
+        bounds.append((start, end))
+        start = end
+    return bounds
 
 
 SEED_LIMIT = 2**64  # MLX's PRNG keys are 64-bit

@@ -308,6 +308,13 @@ def load_model(model_path: Path, lazy: bool = False) -> Model:
     model.eval()
     model.generation_config = _load_generation_config(model_path)
     model.path = str(model_path)  # named by errors about what the weights produce
+    if args.vision is not None:
+        from .images import ImageError, ImageProcessor
+
+        try:
+            model.image_processor = ImageProcessor.from_checkpoint(model_path, config)
+        except ImageError as e:
+            raise LoadError(str(e)) from None
     return model
 
 

@@ -13,6 +13,7 @@ import threading
 import warnings
 import zlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -29,6 +30,8 @@ CHECKPOINT = Path(__file__).parent / "data" / "diffusiongemma-26B-A4B-it"
 # (width, height): square, landscape, portrait, very wide, very tall, smaller than
 # one pooled cell, large, and one already at the 280-token target (not resized).
 SIZES = [(64, 64), (640, 480), (480, 640), (1200, 37), (37, 1200), (20, 20), (3000, 2000), (672, 960)]
+# So wide or tall that the short side rounds to no cell at all: one row (column) of cells.
+SIZES += [(3000, 7), (7, 3000)]
 MODES = ["RGB", "RGBA", "L", "P", "LA", "P+transparency"]
 
 
@@ -290,6 +293,9 @@ def test_load_refuses_bad_files(tmp_path, png):
     (tmp_path / "half.png").write_bytes(png[: len(png) // 2])
     assert Image.open(tmp_path / "half.png").size == (40, 30)  # the header is whole: only decoding finds it
     assert_refused(lambda: load_image(tmp_path / "half.png"), "half.png", "truncated")
+    jpeg = encode(random_image(64, 48, "RGB"), "JPEG")
+    assert Image.open(io.BytesIO(jpeg[: len(jpeg) // 2])).size == (64, 48)
+    assert_refused(lambda: load_image(jpeg[: len(jpeg) // 2]), "image", "truncated")
     assert_refused(lambda: load_image(b""), "not an image")
     assert_refused(lambda: load_image(""), "empty")
     assert_refused(lambda: load_image(12), "unsupported source type int")
@@ -332,7 +338,9 @@ def test_load_refuses_decompression_bombs_without_decoding(png):
 def test_load_takes_the_first_frame_of_an_animation():
     frames = [Image.new("RGB", (20, 10), color) for color in [(255, 0, 0), (0, 255, 0), (0, 0, 255)]]
     for fmt in ("GIF", "WEBP", "PNG"):
-        data = encode(frames[0], fmt, save_all=True, append_images=frames[1:], **({"lossless": True} if fmt == "WEBP" else {}))
+        data = encode(
+            frames[0], fmt, save_all=True, append_images=frames[1:], **({"lossless": True} if fmt == "WEBP" else {})
+        )
         assert Image.open(io.BytesIO(data)).n_frames == 3
         image = load_image(data)
         assert getattr(image, "n_frames", 1) == 1 and image.size == (20, 10)
@@ -375,9 +383,12 @@ def server(png):
         "/to-png": (302, {"Location": "/a.png"}, b""),
         "/to-ftp": (302, {"Location": "ftp://127.0.0.1/a.png"}, b""),
     }
+    endless = {"sent": 0, "done": threading.Event()}  # what /endless wrote before the client hung up
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
+            if self.path == "/endless":
+                return self.endless()
             status, headers, body = routes.get(self.path, (404, {}, b""))
             self.send_response(status)
             for key, value in headers.items():
@@ -388,27 +399,50 @@ def server(png):
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the client stopped reading at its limit
 
+        def endless(self):
+            # 128 MB with no length, written until the client hangs up.
+            self.send_response(200)
+            self.end_headers()
+            chunk = b"\0" * 2**16
+            try:
+                for _ in range(2**11):
+                    self.wfile.write(chunk)
+                    endless["sent"] += len(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            finally:
+                endless["done"].set()
+
         def log_message(self, *args):
             pass
 
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    yield SimpleNamespace(url=f"http://127.0.0.1:{httpd.server_address[1]}", endless=endless)
     httpd.shutdown()
     httpd.server_close()
 
 
 def test_load_from_http(server, picture, monkeypatch):
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    endless, server = server.endless, server.url
     image = load_image(server + "/a.png")
     np.testing.assert_array_equal(np.asarray(image), np.asarray(picture))
     assert load_image(server + "/to-png").size == (40, 30)
-    assert_refused(lambda: load_image(server + "/big", max_bytes=1000), "/big", "is 48.8 KB, above the 1000 bytes limit")
-    assert_refused(lambda: load_image(server + "/big-unsized", max_bytes=1000), "/big-unsized", "larger than the 1000 bytes limit")
+    assert_refused(
+        lambda: load_image(server + "/big", max_bytes=1000), "/big", "is 48.8 KB, above the 1000 bytes limit"
+    )
+    assert_refused(
+        lambda: load_image(server + "/big-unsized", max_bytes=1000), "/big-unsized", "larger than the 1000 bytes limit"
+    )
     assert_refused(lambda: load_image(server + "/missing"), "/missing", "404")
     assert_refused(lambda: load_image(server + "/to-ftp"), "ftp://", "not allowed")
     assert_refused(lambda: load_image(server + "/a.png", allow_urls=False), "not enabled")
+    # A body without end is refused after max_bytes + 1 bytes, not read whole.
+    assert_refused(lambda: load_image(server + "/endless", max_bytes=1000), "larger than the 1000 bytes limit")
+    assert endless["done"].wait(10)
+    assert endless["sent"] < 2**25, endless["sent"]  # what the sockets' buffers took, not the 128 MB
     # A port nobody listens on.
     assert_refused(lambda: load_image("http://127.0.0.1:9/a.png", timeout=2), "cannot be downloaded")
 

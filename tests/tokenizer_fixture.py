@@ -40,12 +40,18 @@ SPECIAL_TOKENS = {
     50: "<|tool_response>",
     51: "<tool_response|>",
     52: '<|"|>',
+    # Image markers, here at low ids (the real ones, 255999 / 258880 / 258882,
+    # are beyond this vocabulary): a test checkpoint's config names these.
+    60: "<|image>",
+    61: "<|image|>",
+    62: "<image|>",
     98: "<|think|>",
     100: "<|channel>",
     101: "<channel|>",
     105: "<|turn>",
     106: "<turn|>",
 }
+BOI_ID, IMAGE_ID, EOI_ID = 60, 61, 62
 NEWLINE_ID = 107  # "\n" is an ordinary vocabulary piece at 107, as in Gemma.
 FIRST_BYTE_ID = 108  # <0x00> .. <0xFF> follow, then the trained pieces.
 TARGET_VOCAB_SIZE = 800
@@ -177,7 +183,7 @@ CHAT_TEMPLATE = r"""
 {%- macro text_of(content) -%}
 {%- if content is none -%}
 {%- elif content is string -%}{{ content }}
-{%- else -%}{%- for part in content -%}{%- if part.type == 'text' -%}{{ part.text }}{%- endif -%}{%- endfor -%}
+{%- else -%}{%- for part in content -%}{%- if part.type == 'text' -%}{{ part.text }}{%- elif part.type == 'image' -%}<|image|>{%- endif -%}{%- endfor -%}
 {%- endif -%}
 {%- endmacro -%}
 {%- macro drop_thoughts(text) -%}

@@ -8,6 +8,7 @@ import mlx.core as mx
 from ..cache import PromptCache
 from ..chat_template import render
 from ..generate import GenerationResponse, stream_generate
+from ..image_prompts import PromptImage, prepare_images, split_message_images
 from ..model import Model
 from ..thinking import END_OF_TURN, split_thinking
 
@@ -24,6 +25,9 @@ class ChatCache:
     messages: int = 0
     # The id that closed the last answer in the cache (None: nothing cached).
     stop_token: Optional[int] = None
+    # The images the cache holds, in order (their digests): the same ids with
+    # another picture are another conversation.
+    images: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -41,19 +45,21 @@ def chat_prompt(
     tokenizer,
     messages: List[Dict[str, Any]],
     chat_cache: Optional[ChatCache],
+    images: Optional[List[List[PromptImage]]] = None,
     **template_kwargs,
 ) -> tuple:
     """The tokens to encode for ``messages`` and the cache to encode them into.
 
     With a cache holding an earlier part of the conversation, only what comes
     after it is returned. If the rendered conversation does not extend what the
-    cache holds (edited history, another template setting), the cache is
-    started afresh.
+    cache holds (edited history, another template setting, another image:
+    ``images`` lists each message's), the cache is started afresh.
     """
     full = render(tokenizer, messages, True, **template_kwargs)
     if chat_cache is None or chat_cache.messages == 0:
         return full, ChatCache(model.make_cache())
-    if len(messages) > chat_cache.messages:
+    held = [image.digest for row in (images or [])[: chat_cache.messages] for image in row]
+    if len(messages) > chat_cache.messages and held == chat_cache.images:
         cached = render(tokenizer, messages[: chat_cache.messages], False, **template_kwargs)
         rest = continuation(full, cached, chat_cache.stop_token)
         if rest is not None:
@@ -75,12 +81,20 @@ def continuation(full: List[int], cached: List[int], stop: Optional[int]) -> Opt
     return cached[after_stop:] + full[len(cached) :]
 
 
-def commit_answer(model: Model, tokenizer, chat_cache: ChatCache, last: GenerationResponse, messages: int):
+def commit_answer(
+    model: Model,
+    tokenizer,
+    chat_cache: ChatCache,
+    last: GenerationResponse,
+    messages: int,
+    images: Optional[List[str]] = None,
+):
     """Close the answer in ``chat_cache`` so the next turn continues it.
 
     Earlier canvases were encoded during generation, the last one was not:
     it goes in now, closed by its stop token (an end of turn when the answer
-    ran out of tokens). ``messages`` is how many messages the cache now holds.
+    ran out of tokens). ``messages`` is how many messages the cache now holds,
+    ``images`` the digests of the images among them.
     """
     stop = last.stop_token
     if stop is None:
@@ -89,6 +103,7 @@ def commit_answer(model: Model, tokenizer, chat_cache: ChatCache, last: Generati
     mx.eval([c.state for c in chat_cache.cache])
     chat_cache.messages = messages
     chat_cache.stop_token = stop
+    chat_cache.images = list(images or [])
 
 
 def stream_chat(
@@ -104,6 +119,10 @@ def stream_chat(
     """``stream_generate`` for a conversation; ``kwargs`` go to it
     (``max_tokens``, ``seed``, ``params`` or the sampler settings).
 
+    A message's content may list image parts beside its text parts:
+    ``{"type": "image", "image": PATH_URL_BYTES_OR_PIL}`` or OpenAI's
+    ``{"type": "image_url", "image_url": {"url": URL}}``.
+
     Once the stream is exhausted, its last response carries ``chat_cache``
     (a ``ChatCache``) for the next turn.
     """
@@ -112,13 +131,19 @@ def stream_chat(
     template_kwargs = dict(chat_template_kwargs or {}, enable_thinking=enable_thinking)
     if tools is not None:
         template_kwargs["tools"] = tools
-    prompt, chat_cache = chat_prompt(model, tokenizer, messages, chat_cache, **template_kwargs)
+    messages, sources = split_message_images(messages)
+    images = [prepare_images(model, row) if row else [] for row in sources]
+    given = chat_cache
+    prompt, chat_cache = chat_prompt(model, tokenizer, messages, chat_cache, images, **template_kwargs)
+    every = [image for row in images for image in row]
+    # Only the images after what the cache holds are encoded.
+    new = every[len(chat_cache.images) :] if chat_cache is given else every
 
     last = None
-    for last in stream_generate(model, tokenizer, prompt, prompt_cache=chat_cache.cache, **kwargs):
+    for last in stream_generate(model, tokenizer, prompt, prompt_cache=chat_cache.cache, images=new, **kwargs):
         yield last
 
-    commit_answer(model, tokenizer, chat_cache, last, len(messages) + 1)
+    commit_answer(model, tokenizer, chat_cache, last, len(messages) + 1, [image.digest for image in every])
     # Set once the stream is exhausted, on the response it yielded last.
     last.chat_cache = chat_cache
 

@@ -31,6 +31,7 @@ import mlx.core as mx
 from .. import sampler
 from ..cache import PromptCache
 from ..denoising import CanvasState, denoise_step, sample_step, uses_probs  # noqa: F401
+from ..image_prompts import image_features, place_images, prepare_images, rows_of_images
 from ..model import Model
 from ..prompts import (  # noqa: F401
     PREFILL_STEP,
@@ -332,6 +333,7 @@ def stream_generate(
     initial_canvas=None,
     prompt_cache: Optional[PromptCache] = None,
     params: Optional[SamplerParams] = None,
+    images=None,
     **settings,
 ) -> Iterator[GenerationResponse]:
     """Generate text canvas by canvas, yielding a response per denoising step.
@@ -341,6 +343,11 @@ def stream_generate(
     ``row``). A string is raw text (apply a chat template first for chat
     models), read after ``<bos>`` unless it spells it or ``prompt_cache``
     already holds context; ids are used as given.
+
+    ``images`` (for a checkpoint with a vision tower): the prompt's images,
+    paths, http(s) or data URLs, encoded bytes or PIL images, in the order of
+    the prompt's image tokens (``<|image|>``, one per image: chat templates
+    write them for image parts); for a batch, one list per prompt.
 
     The sampler's settings are ``params`` (``SamplerParams.resolve(model,
     ...)``), or keyword ``settings`` (``max_denoising_steps``, ``t_min``,
@@ -355,6 +362,12 @@ def stream_generate(
         raise ValueError(f"max_tokens must be a positive integer (got {max_tokens})")
     cache = prompt_cache if prompt_cache is not None else model.make_cache()
     batch = as_batch(tokenizer, prompt, model.args.vocab_size, bos=cache.offset == 0)
+    batched = _is_batch(prompt)
+    prepared = [prepare_images(model, row) if row else [] for row in rows_of_images(images, len(batch), batched)]
+    batch = [
+        place_images(model, ids, row, f"prompt {r}" if batched else "prompt")
+        for r, (ids, row) in enumerate(zip(batch, prepared))
+    ]
     B, C, V = len(batch), model.canvas_length, model.args.vocab_size
     context = cache.offset + max(len(p) for p in batch)
     # Every canvas max_tokens may need takes its C positions after the prompt.
@@ -369,7 +382,8 @@ def stream_generate(
     seeds = row_seeds(seed, B)
 
     tic = time.perf_counter()
-    prompt_tokens = encode_prompt(model, batch, cache)
+    features = [image_features(model, row) for row in prepared] if any(prepared) else None
+    prompt_tokens = encode_prompt(model, batch, cache, features)
     prompt_time = time.perf_counter() - tic
     prompt_tps = B * prompt_tokens / max(prompt_time, 1e-9)
 
