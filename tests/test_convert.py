@@ -131,9 +131,7 @@ def test_more_bits_less_error(converted, float_logits):
         ("uniform", dict(experts=3, router=3, embedding=3, attention=3, mlp=3, self_conditioning=3, vision=3)),
         (
             "experts-only",
-            dict(
-                experts=3, router=None, embedding=None, attention=None, mlp=None, self_conditioning=None, vision=None
-            ),
+            dict(experts=3, router=None, embedding=None, attention=None, mlp=None, self_conditioning=None, vision=None),
         ),
     ],
 )

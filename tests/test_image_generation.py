@@ -4,18 +4,16 @@ image processor, its masks), through chat and its cache, in batches, and bad inp
 import base64
 import copy
 import importlib
-import io
-import json
 
 import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from reference import CANVAS, build_reference
+from reference import CANVAS
 from test_generate import DETERMINISTIC, reference_generate
-from tokenizer_fixture import BOI_ID, EOI_ID, IMAGE_ID, write_test_tokenizer
+from tokenizer_fixture import BOI_ID, EOI_ID, IMAGE_ID
 from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+from vision_checkpoint import SOFT_TOKENS, picture, png, write_vision_checkpoint
 
 from mlx_diffgemma import chat, generate, stream_generate
 from mlx_diffgemma.chat import stream_chat
@@ -27,20 +25,6 @@ from mlx_diffgemma.utils import load
 
 gen = importlib.import_module("mlx_diffgemma.generate")
 
-VISION = dict(num_hidden_layers=2, standardize=True, position_embedding_size=64)
-SOFT_TOKENS = 70  # the smallest budget Gemma 4 supports, to keep prompts short
-
-
-def write_vision_checkpoint(path, seed=1):
-    ref = build_reference(path, seed=seed, vision=VISION, use_bidirectional_attention="vision")
-    ref.config.image_token_id = IMAGE_ID
-    write_test_tokenizer(path)
-    config = json.loads((path / "config.json").read_text())
-    config.update(image_token_id=IMAGE_ID, boi_token_id=BOI_ID, eoi_token_id=EOI_ID)
-    (path / "config.json").write_text(json.dumps(config))
-    (path / "processor_config.json").write_text(json.dumps({"image_processor": {"max_soft_tokens": SOFT_TOKENS}}))
-    return ref
-
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
@@ -48,17 +32,6 @@ def checkpoint(tmp_path_factory):
     ref = write_vision_checkpoint(path)
     model, tokenizer = load(str(path))
     return ref, model, tokenizer, path
-
-
-def picture(seed, size=(64, 48)):
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
-
-
-def png(image) -> bytes:
-    out = io.BytesIO()
-    image.save(out, format="PNG")
-    return out.getvalue()
 
 
 def test_tokens_equal_the_references_with_an_image(checkpoint, monkeypatch):

@@ -60,9 +60,7 @@ def soft_tokens(grid):
 
 
 def ours_features(model, images, grids):
-    return mx.concatenate(
-        [model.encode_image(mx.array(p), mx.array(q), g) for (p, q), g in zip(images, grids)], axis=0
-    )
+    return mx.concatenate([model.encode_image(mx.array(p), mx.array(q), g) for (p, q), g in zip(images, grids)], axis=0)
 
 
 def prompt(rng, grids):
