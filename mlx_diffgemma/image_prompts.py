@@ -60,16 +60,25 @@ def prepare_images(model: Model, sources: Sequence[Any], max_images: int = MAX_I
     return out
 
 
-def image_runs(ids: Sequence[int], image_token_id: int) -> List[Tuple[int, int]]:
-    """[start, end) of each run of image tokens in ``ids``."""
-    runs, start = [], None
-    for i, t in enumerate(list(ids) + [None]):
-        if t == image_token_id and start is None:
-            start = i
-        elif t != image_token_id and start is not None:
-            runs.append((start, i))
-            start = None
-    return runs
+def image_places(ids: Sequence[int], image: int, begin: Optional[int], end: Optional[int]) -> List[Tuple[int, int]]:
+    """[start, stop) of each image's place among ``ids``: a span of image
+    tokens between ``begin`` and ``end`` (an expanded image), else one image
+    token (the chat template's marker; markers side by side are images side
+    by side)."""
+    places, i = [], 0
+    while i < len(ids):
+        if ids[i] == begin and i + 1 < len(ids) and ids[i + 1] == image:
+            j = i + 1
+            while j < len(ids) and ids[j] == image:
+                j += 1
+            if j < len(ids) and ids[j] == end:
+                places.append((i + 1, j))
+                i = j + 1
+                continue
+        if ids[i] == image:
+            places.append((i, i + 1))
+        i += 1
+    return places
 
 
 def place_images(model: Model, ids: List[int], images: List[PromptImage], what: str = "prompt") -> List[int]:
@@ -80,30 +89,30 @@ def place_images(model: Model, ids: List[int], images: List[PromptImage], what: 
         if images:
             image_reader(model)  # names the problem
         return ids
-    runs = image_runs(ids, args.image_token_id)
-    if len(runs) != len(images):
+    begin, end = args.boi_token_id, args.eoi_token_id
+    places = image_places(ids, args.image_token_id, begin, end)
+    if len(places) != len(images):
         raise ValueError(
-            f"{what} has {len(runs)} image place(s) for {len(images)} image(s): write one image token "
+            f"{what} has {len(places)} image place(s) for {len(images)} image(s): write one image token "
             f"(id {args.image_token_id}, <|image|>) where each image goes (chat templates write them "
             "for a message's image parts)"
         )
     out, done = [], 0
-    for (start, end), image in zip(runs, images):
+    for (start, stop), image in zip(places, images):
         out += ids[done:start]
-        n = end - start
+        n = stop - start
         if n == image.soft_tokens:
-            out += ids[start:end]
+            out += ids[start:stop]
         elif n == 1:
-            begin = [] if out[-1:] == [args.boi_token_id] or args.boi_token_id is None else [args.boi_token_id]
-            after = ids[end : end + 1]
-            close = [] if after == [args.eoi_token_id] or args.eoi_token_id is None else [args.eoi_token_id]
-            out += begin + [args.image_token_id] * image.soft_tokens + close
+            wrapped = start > 0 and ids[start - 1] == begin and ids[stop : stop + 1] == [end]
+            span = [args.image_token_id] * image.soft_tokens
+            out += span if wrapped or begin is None or end is None else [begin, *span, end]
         else:
             raise ValueError(
                 f"{what}: an image's place holds {n} image tokens; the image takes {image.soft_tokens} "
                 "(or write one, to be expanded)"
             )
-        done = end
+        done = stop
     return out + ids[done:]
 
 

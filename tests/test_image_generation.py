@@ -182,3 +182,18 @@ def test_an_image_for_a_text_only_checkpoint(checkpoint, tmp_path):
     assert isinstance(generate(model, tokenizer, [2, 300], max_tokens=8, max_denoising_steps=2), str)
     with pytest.raises(ValueError, match="has no vision tower"):
         generate(model, tokenizer, [2, 300, IMAGE_ID], images=[picture(0)], max_tokens=8)
+
+
+def test_image_places_side_by_side_expanded_and_wrapped(checkpoint):
+    _, model, _, _ = checkpoint
+    a, b = prepare_images(model, [picture(0), picture(1, size=(48, 64))])
+    na, nb = a.soft_tokens, b.soft_tokens
+    span_a = [BOI_ID] + [IMAGE_ID] * na + [EOI_ID]
+    span_b = [BOI_ID] + [IMAGE_ID] * nb + [EOI_ID]
+    # Two markers side by side are two images, in order.
+    assert place_images(model, [2, IMAGE_ID, IMAGE_ID, 9], [a, b]) == [2, *span_a, *span_b, 9]
+    # An expanded span is kept; a marker its caller wrapped is not wrapped twice.
+    assert place_images(model, [2, *span_a, IMAGE_ID], [a, b]) == [2, *span_a, *span_b]
+    assert place_images(model, [2, BOI_ID, IMAGE_ID, EOI_ID], [a]) == [2, *span_a]
+    with pytest.raises(ValueError, match=f"holds 3 image tokens; the image takes {na}"):
+        place_images(model, [2, BOI_ID, IMAGE_ID, IMAGE_ID, IMAGE_ID, EOI_ID], [a])

@@ -82,6 +82,11 @@ def add_max_tokens_argument(parser: argparse.ArgumentParser, default: int, help:
     )
 
 
+def add_image_argument(parser: argparse.ArgumentParser, help: str):
+    # mlx-vlm's flag: several after one --image, or --image given again.
+    parser.add_argument("--image", action="extend", nargs="+", default=[], metavar="PATH_OR_URL", help=help)
+
+
 def add_seed_argument(parser: argparse.ArgumentParser, help: str):
     parser.add_argument("--seed", type=seed, metavar="N", help=help)
 

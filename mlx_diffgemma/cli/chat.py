@@ -7,6 +7,7 @@ from typing import Optional
 
 from .. import cli
 from ..chat import stream_chat
+from ..image_prompts import prepare_images
 from ..live import DIM
 from ..prompts import SEED_LIMIT
 from ..stats import Progress, print_stats
@@ -15,6 +16,7 @@ from ..thinking import ThoughtFormatter, split_thinking
 DEFAULT_MAX_TOKENS = 1024
 PROMPT = ">> "
 COMMANDS = """Commands:
+  /image PATH_OR_URL  attach an image to your next message (models with a vision tower)
   /think    turn thinking on or off
   /reset    start a new conversation (also: r)
   /quit     leave (also: q, /exit, Ctrl-D)
@@ -35,6 +37,7 @@ def setup_arg_parser():
     )
     cli.add_model_arguments(parser)
     parser.add_argument("--system-prompt", metavar="TEXT", help="System prompt for the conversation.")
+    cli.add_image_argument(parser, "Image attached to the first message: a path or an http(s) URL (repeatable).")
     cli.add_max_tokens_argument(parser, DEFAULT_MAX_TOKENS, "Most tokens per answer")
     cli.add_seed_argument(parser, "PRNG seed of the first turn, +1 per turn, 0 to 2**64-1 (default: random).")
     parser.add_argument(
@@ -70,6 +73,11 @@ def _read_line(stdin, interactive: bool) -> Optional[str]:
     return line
 
 
+def _attach(model, source: str):
+    """The image at ``source``, read now: a bad path is reported when given, not a turn later."""
+    return prepare_images(model, [source])[0]
+
+
 def run_chat(args):
     stdin = cli.stdin()
     interactive = stdin.isatty()
@@ -94,6 +102,8 @@ def run_chat(args):
         return system, None
 
     messages, chat_cache = new_conversation()
+    # Images for the next message, read (and checked) when attached.
+    attached = [_attach(model, source) for source in args.image]
     if interactive:
         print(f"Chat with {args.model}. Type /help for commands, /quit to leave.")
     turn = 0
@@ -106,7 +116,21 @@ def run_chat(args):
             continue
         if command in ("r", "/reset"):
             messages, chat_cache = new_conversation()
+            attached = []
             print("[new conversation]")
+            continue
+        if command == "/image" or command.startswith("/image "):
+            source = command[len("/image") :].strip()
+            if not source:
+                print("[/image needs a path or an http(s) URL]")
+                continue
+            try:
+                attached.append(_attach(model, source))
+            except ValueError as e:  # unreadable, not an image, a text-only model
+                print(f"[image not attached: {e}]")
+                continue
+            image = attached[-1]
+            print(f"[image attached to your next message: {source} ({image.soft_tokens} tokens)]")
             continue
         if command in ("h", "/help"):
             print(COMMANDS)
@@ -127,7 +151,10 @@ def run_chat(args):
         if command.startswith("//"):
             query = query.replace("/", "", 1)
 
-        messages.append({"role": "user", "content": query})
+        content = query
+        if attached:
+            content = [{"type": "image", "image": image} for image in attached] + [{"type": "text", "text": query}]
+        messages.append({"role": "user", "content": content})
         seed = None if args.seed is None else (args.seed + turn) % SEED_LIMIT
         turn += 1
         cached = chat_cache.cache.offset if chat_cache else 0
@@ -157,7 +184,8 @@ def run_chat(args):
                 for kind, piece in formatter.finish():  # a tail held back as a possible marker
                     view.write(piece, thought_style if kind == "thought" else None)
         except (KeyboardInterrupt, ValueError) as e:
-            # The cache may hold part of this turn: forget it, and the message.
+            # The cache may hold part of this turn: forget it, and the message
+            # (its images stay attached for the next try).
             messages.pop()
             chat_cache = None
             if isinstance(e, ValueError):  # e.g. a conversation longer than the context
@@ -165,6 +193,7 @@ def run_chat(args):
             print("[turn dropped; the next one encodes the conversation again]", flush=True)
             continue
 
+        attached = []
         # The conversation so far: what the cache held, if this turn continued it.
         conversation = last.prompt_tokens + (cached if last.chat_cache is chat_cache else 0)
         chat_cache = last.chat_cache

@@ -5,6 +5,7 @@ import argparse
 from .. import cli
 from ..chat_template import plain_ids, render
 from ..generate import stream_generate
+from ..image_prompts import prepare_images
 from ..infill import end_of_turn, stream_infill
 from ..stats import Progress, print_stats
 
@@ -20,6 +21,7 @@ examples:
   mlx_diffgemma.generate --prompt "Write a haiku about the sea."
   cat notes.txt | mlx_diffgemma.generate --prompt - --max-tokens 1024
   mlx_diffgemma.generate --model diffusiongemma-26B-A4B-it-4bit --verbose
+  mlx_diffgemma.generate --image plot.png --prompt "What does this plot show?"
   mlx_diffgemma.generate --ignore-chat-template --prompt "def area(r):\n" \
       --suffix "\n    return a\n"    # infill: the text between prompt and suffix
 
@@ -40,6 +42,7 @@ def setup_arg_parser():
         "--prompt", "-p", default=DEFAULT_PROMPT, metavar="TEXT", help="Message to the model ('-' reads stdin)."
     )
     parser.add_argument("--system-prompt", metavar="TEXT", help="System prompt for the chat template.")
+    cli.add_image_argument(parser, "Image for the prompt: a path or an http(s) URL (repeatable, in order).")
     cli.add_max_tokens_argument(parser, DEFAULT_MAX_TOKENS, "Most tokens to generate")
     cli.add_seed_argument(parser, "PRNG seed, 0 to 2**64-1 (default: a random one).")
     parser.add_argument(
@@ -86,12 +89,20 @@ def run_generate(args):
         raise ValueError("--prompt and --suffix cannot both read stdin")
     if args.infill_length is not None and args.suffix is None:
         raise ValueError("--infill-length needs --suffix")
+    if args.image and args.suffix is not None:
+        raise ValueError("--image cannot be used with --suffix (infill reads text only)")
     prompt = command_text(args.prompt)
     suffix = None if args.suffix is None else command_text(args.suffix)
     model, tokenizer = cli.load_for_generation(args.model, args.adapter_path)
+    # Read before the prompt is rendered: a bad image is reported before any work.
+    images = prepare_images(model, args.image) if args.image else None
     chat = not args.ignore_chat_template and tokenizer.has_chat_template
     if chat:
-        messages = [{"role": "user", "content": prompt}]
+        content = prompt
+        if images:
+            # The images first, then the text, as one message's parts.
+            content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
+        messages = [{"role": "user", "content": content}]
         if args.system_prompt is not None:
             messages.insert(0, {"role": "system", "content": args.system_prompt})
         template_kwargs = dict(enable_thinking=args.enable_thinking)
@@ -108,7 +119,9 @@ def run_generate(args):
     view = cli.make_view(args)
     last = None
     with view:
-        for last in stream_generate(model, tokenizer, prompt, args.max_tokens, seed=args.seed, params=params):
+        for last in stream_generate(
+            model, tokenizer, prompt, args.max_tokens, seed=args.seed, params=params, images=images
+        ):
             progress.update(last)
             if last.token_ids or last.finish_reason:
                 view.write(last.text)

@@ -94,18 +94,50 @@ def positive_int(body: dict, name: str) -> Optional[int]:
     return value
 
 
-def text_parts(content, where: str) -> Optional[Union[str, List[Dict[str, str]]]]:
+def content_parts(content, where: str, role: str) -> Optional[Union[str, List[Dict[str, Any]]]]:
+    """A message's content: a string, or text parts and (in user messages)
+    OpenAI's image parts, ``{"type": "image_url", "image_url": {"url": ...}}``
+    (``image_url`` may be the URL itself), returned in that form."""
     if content is None or isinstance(content, str):
         return content
     if not isinstance(content, list):
-        raise bad(f"'{where}.content' must be a string or an array of text parts (got {type_name(content)})", where)
+        raise bad(f"'{where}.content' must be a string or an array of content parts (got {type_name(content)})", where)
     parts = []
     for j, part in enumerate(content):
-        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-            kind = part.get("type") if isinstance(part, dict) else type_name(part)
-            raise bad(f'\'{where}.content[{j}]\' must be a text part ({{"type": "text", "text": ...}}; got {kind})')
-        parts.append({"type": "text", "text": part["text"]})
+        here = f"{where}.content[{j}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            parts.append({"type": "text", "text": part["text"]})
+        elif kind == "image_url":
+            if role != "user":
+                raise bad(f"'{here}' is an image part; images may only be sent in user messages (not {role})", here)
+            parts.append({"type": "image_url", "image_url": {"url": image_url(part, here)}})
+        else:
+            got = "a text part without a 'text' string" if kind == "text" else kind or type_name(part)
+            raise bad(
+                f"'{here}' must be a text part ({{\"type\": \"text\", \"text\": ...}}) or an image part "
+                f"({{\"type\": \"image_url\", \"image_url\": {{\"url\": ...}}}}; got {got})",
+                here,
+            )
     return parts
+
+
+def image_url(part: dict, where: str) -> str:
+    """An image part's URL: ``image_url.url`` (OpenAI's), or ``image_url`` as a string."""
+    value = part.get("image_url")
+    if isinstance(value, dict):
+        where, value = where + ".image_url.url", value.get("url")
+        if value is None:
+            raise bad(f"'{where}' is required (the image's data: URL or URL)", where)
+    else:
+        where += ".image_url"
+        if value is None:
+            raise bad(f"'{where}' is required: {{\"url\": ...}} naming the image", where)
+    if not isinstance(value, str):
+        raise bad(f"'{where}' must be a string (got {type_name(value)})", where)
+    if not value.strip():
+        raise bad(f"'{where}' is empty", where)
+    return value
 
 
 def tool_calls(calls, where: str) -> List[Dict[str, Any]]:
@@ -152,7 +184,7 @@ def messages(value) -> List[Dict[str, Any]]:
         role = m.get("role")
         if role not in ROLES:
             raise bad(f"'{where}.role' must be one of {', '.join(ROLES)} (got {role!r})", where)
-        out = {"role": role, "content": text_parts(m.get("content"), where)}
+        out = {"role": role, "content": content_parts(m.get("content"), where, role)}
         if role == "assistant" and m.get("tool_calls") is not None:
             out["tool_calls"] = tool_calls(m["tool_calls"], where)
             names.update({c["id"]: c["function"]["name"] for c in out["tool_calls"] if c["id"]})

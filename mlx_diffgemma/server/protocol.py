@@ -4,7 +4,7 @@
 returns a typed request: ``ChatRequest`` (/v1/chat/completions),
 ``CompletionRequest`` (/v1/completions), ``InfillRequest`` (llama.cpp's
 /infill) or ``EditRequest`` (/edit). Each knows how its text is tokenized
-(``prepare``, on the HTTP thread), which stream writes it, and how its answers
+(``prepare``, on the HTTP thread; a chat's images too, ``read_images``), which stream writes it, and how its answers
 look: OpenAI's chunks and bodies, llama.cpp's /infill fields, an edit's text.
 The worker only schedules. Fields of OpenAI's API that do not apply to a
 diffusion sampler (``temperature``, ``top_p``, penalties: docs/server.md lists
@@ -18,11 +18,13 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, List, Optional, Tuple, Union
 
 from ..chat_template import TEMPLATE_ARGUMENTS, plain_ids, render
+from ..image_prompts import PromptImage
 from ..infill import check_spans, stream_edit, stream_infill
 from ..prompts import check_seed, text_ids
 from ..sampler_params import SAMPLER_SETTINGS, check_setting
 from . import fields
 from .fields import bad
+from .images import ImagePolicy, read_images
 from .output import ChatAnswer, StopStrings, TextAnswer
 
 MAX_N = 16
@@ -79,6 +81,7 @@ class Request:
     n: int = 1
     sampler: Dict[str, Any] = field(default_factory=dict)
     prompt: Optional[Union[str, List[int]]] = None  # chat: the template's ids (prepare)
+    images: List[PromptImage] = field(default_factory=list)  # chat: in the order of the prompt's places (read_images)
 
     @property
     def fills(self) -> bool:
@@ -100,6 +103,9 @@ class Request:
 
     def prepare(self, tokenizer, context: int):
         """Tokenize the request's text (on the calling thread); ``context``: the model's."""
+
+    def read_images(self, model, model_id: str, policy: ImagePolicy):
+        """Decode and preprocess the request's images (on the calling thread) into ``images``."""
 
     def reply(self, model_id: str) -> Reply:
         return Reply(self.ID_PREFIX + secrets.token_hex(12), model_id, int(time.time()))
@@ -149,13 +155,27 @@ class ChatRequest(Request):
     tools: Optional[List[Dict[str, Any]]] = None
     template_kwargs: Dict[str, Any] = field(default_factory=dict)
 
+    # Each image part's field and URL, in order (read_images loads them).
+    image_parts: List[Tuple[str, str]] = field(default_factory=list)
+
     def read(self, body, default_max_tokens, template_kwargs):
+        # The messages as the template takes them: each image part is {"type": "image"},
+        # where the template writes the image's token.
         self.messages = fields.messages(body.get("messages"))
+        for i, message in enumerate(self.messages):
+            content = message["content"]
+            for j, part in enumerate(content if isinstance(content, list) else []):
+                if part["type"] == "image_url":
+                    self.image_parts.append((f"messages[{i}].content[{j}].image_url.url", part["image_url"]["url"]))
+                    content[j] = {"type": "image"}
         self.tools = fields.tools(body.get("tools"))
         self.template_kwargs = template_kwargs
 
     def prepare(self, tokenizer, context):
         self.prompt = render(tokenizer, self.messages, True, tools=self.tools, **self.template_kwargs)
+
+    def read_images(self, model, model_id, policy):
+        self.images = read_images(model, model_id, self.image_parts, policy)
 
     def answer(self) -> ChatAnswer:
         return ChatAnswer(StopStrings(self.stop))

@@ -34,9 +34,11 @@ from typing import Any, Callable, Dict, Iterator, Optional
 from ..chat import ChatCache, commit_answer
 from ..chat_template import render
 from ..generate import stream_generate
+from ..image_prompts import place_images
 from ..sampler_params import SamplerParams
 from .conversations import Conversations
 from .fields import APIError
+from .images import ImagePolicy
 from .protocol import Request, Usage
 
 log = logging.getLogger("mlx_diffgemma.server")
@@ -77,6 +79,7 @@ class Settings:
     max_concurrency: int = 8
     queue_size: int = 32
     sampler_defaults: Dict[str, Any] = field(default_factory=dict)
+    images: ImagePolicy = field(default_factory=ImagePolicy)
 
 
 class Worker:
@@ -133,9 +136,11 @@ class Worker:
             )
 
     def prepare(self, request: Request):
-        """Tokenize the request's text on the calling (HTTP) thread."""
+        """Tokenize the request's text, and decode and preprocess its images,
+        on the calling (HTTP) thread: the worker only encodes them."""
         try:
             request.prepare(self.tokenizer, self.model.args.max_position_embeddings)
+            request.read_images(self.model, self.settings.model_id, self.settings.images)
         except INPUT_ERRORS as e:
             raise input_error(e) from None
 
@@ -187,18 +192,27 @@ class Worker:
     # -- One request ----------------------------------------------------------------
 
     def _prompt(self, request: Request):
-        """(ids or text to encode, the chat cache to encode them into or None,
-        ids of the whole prompt or None, how many of those are cached)."""
+        """(ids or text to encode, the images among them, the chat cache to
+        encode them into or None, the whole prompt's length or None, how many
+        of its tokens are cached). Lengths count an image's tokens, as the
+        model reads them."""
         if not request.KEEPS_CONVERSATION:
-            return request.prompt, None, None, 0
-        full = request.prompt  # the template's ids (prepare)
+            return request.prompt, request.images, None, None, 0
+        full = request.prompt  # the template's ids (prepare), one image token per image
+        length = self._length(full, request.images)
         if request.n > 1:  # rows of one batch: a fresh batch cache, nothing kept
-            return full, None, full, 0
-        taken = self.conversations.take(full)
+            return full, request.images, None, length, 0
+        # A conversation holding the same ids with other images is another conversation.
+        taken = self.conversations.take(full, [image.digest for image in request.images])
         if taken is None:
-            return full, ChatCache(self.model.make_cache()), full, 0
+            return full, request.images, ChatCache(self.model.make_cache()), length, 0
         chat_cache, rest = taken
-        return rest, chat_cache, full, len(full) - len(rest)
+        new = request.images[len(chat_cache.images) :]  # the images after those the cache holds
+        return rest, new, chat_cache, length, length - self._length(rest, new)
+
+    def _length(self, ids, images) -> int:
+        """The tokens ``ids`` are with each image's place made its span."""
+        return len(place_images(self.model, ids, images)) if images else len(ids)
 
     def _run(self, job: Job) -> Iterator[bool]:
         """The request as a generator the loop steps: True after each committed canvas."""
@@ -207,7 +221,7 @@ class Worker:
             yield from self._run_fill(job)
             return
         try:
-            prompt, chat_cache, full, cached = self._prompt(request)
+            prompt, images, chat_cache, length, cached = self._prompt(request)
             stream = stream_generate(
                 self.model,
                 self.tokenizer,
@@ -216,6 +230,7 @@ class Worker:
                 seed=request.seed,
                 prompt_cache=None if chat_cache is None else chat_cache.cache,
                 params=self._params(request),
+                images=(images if request.n == 1 else [images] * request.n) if images else None,
             )
             # Errors the prompt can cause (too long for the context) come with the first step.
             first = next(stream)
@@ -227,7 +242,7 @@ class Worker:
 
         answer = [request.answer() for _ in range(request.n)]
         reply = request.reply(self.settings.model_id)
-        prompt_tokens = len(full) if full is not None else first.prompt_tokens
+        prompt_tokens = length if length is not None else first.prompt_tokens
         last, finished = first, 0
         for response in itertools.chain([first], stream):
             last = response
@@ -265,7 +280,8 @@ class Worker:
         natural = not answer[0].stops.stopped and last.finish_reason is not None
         if chat_cache is not None and natural:
             # Keep the conversation encoded for the client's next turn.
-            commit_answer(self.model, self.tokenizer, chat_cache, last, len(request.messages) + 1)
+            digests = [image.digest for image in request.images]
+            commit_answer(self.model, self.tokenizer, chat_cache, last, len(request.messages) + 1, digests)
             message = dict(answer[0].message, role="assistant")
             message.pop("reasoning_content", None)
             if message.get("tool_calls"):
