@@ -38,6 +38,11 @@ DEFAULT_ROPE = {
 }
 
 
+# The ids that mark an image, when config.json does not name them: those of
+# transformers' DiffusionGemmaConfig, the released model's.
+IMAGE_TOKEN_DEFAULTS = {"image_token_id": 258_880, "boi_token_id": 255_999, "eoi_token_id": 258_882}
+
+
 @dataclass
 class ModelArgs:
     hidden_size: int
@@ -151,8 +156,9 @@ class ModelArgs:
 
             vision = VisionArgs.from_dict(config["vision_config"], source)
         image_ids = {}
-        for key in ("image_token_id", "boi_token_id", "eoi_token_id"):
-            value = config.get(key)
+        for key, default in IMAGE_TOKEN_DEFAULTS.items():
+            # Absent: transformers' class defaults (the released ids); null: none.
+            value = config.get(key, default)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise ConfigError(f"{source}: {key} must be a token id (got {value!r})")
             image_ids[key] = value

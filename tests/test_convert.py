@@ -392,6 +392,19 @@ def test_cli_converts(small_source, tmp_path):
     assert model.layers[0].experts.switch_glu.down_proj.bits == 4
 
 
+def test_cli_text_only_leaves_the_vision_tower_out(small_source, tmp_path):
+    kept = load_model(small_source)
+    result = run_cli("--hf-path", small_source, "--mlx-path", tmp_path / "text", "--text-only")
+    assert result.returncode == 0, result.stderr
+    index = json.loads((tmp_path / "text" / "model.safetensors.index.json").read_text())
+    assert not any(k.startswith(("vision_tower.", "embed_vision.")) for k in index["weight_map"])
+    assert "vision_config" not in json.loads((tmp_path / "text" / "config.json").read_text())
+    model = load_model(tmp_path / "text")
+    assert model.args.vision is None and kept.args.vision is not None
+    # The text model is the same.
+    assert np.array_equal(quantization_logits(model, prompts=1), quantization_logits(kept, prompts=1))
+
+
 def test_cli_help_explains_each_flag():
     result = run_cli("--help")
     assert result.returncode == 0
@@ -407,6 +420,7 @@ def test_cli_help_explains_each_flag():
         "--dequantize",
         "--upload-repo",
         "--force",
+        "--text-only",
     ):
         assert flag in result.stdout, flag
 
@@ -512,6 +526,14 @@ def test_mlx_vlm_float_checkpoint_loads_exactly(vlm_source, tmp_path):
     out = vlm_convert(vlm_source, tmp_path / "vlm-fp32")
     ref = quantization_logits(load_model(vlm_source), prompts=PROMPTS)
     assert np.array_equal(quantization_logits(load_model(out), prompts=PROMPTS), ref)
+    # Its vision tower comes along: the same soft tokens for an image.
+    source, theirs = load_model(vlm_source), load_model(out)
+    assert theirs.args.vision is not None
+    rng = np.random.default_rng(0)
+    pixels = mx.array(rng.random((54, 768)).astype(np.float32))
+    positions = mx.array(np.stack(np.meshgrid(np.arange(9), np.arange(6)), -1).reshape(-1, 2))
+    expected = source.encode_image(pixels, positions, (6, 9))
+    assert np.array_equal(np.array(theirs.encode_image(pixels, positions, (6, 9))), np.array(expected))
 
 
 def test_mlx_vlm_quantized_checkpoint(vlm_source, tmp_path):
@@ -530,3 +552,6 @@ def test_mlx_vlm_quantized_checkpoint(vlm_source, tmp_path):
     assert config["quantization"]["layers.0.router.proj"]["bits"] == 8
     dense = convert(str(vlm), str(tmp_path / "dense"), dequantize=True, progress=False)
     assert np.abs(quantization_logits(load_model(dense), prompts=PROMPTS) - from_vlm).max() < 1e-3
+    # Its vision tower, kept in float by mlx-vlm, is read and carried through both.
+    for path in (vlm, mine, dense):
+        assert load_model(path).args.vision is not None, path

@@ -80,6 +80,11 @@ def configure_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Turn an MLX-quantized DiffusionGemma (ours or mlx-vlm's) back into float.",
     )
+    parser.add_argument(
+        "--text-only",
+        action="store_true",
+        help="Leave the vision tower out (1.15 GB of the released model in bf16): a model that reads text only.",
+    )
     parser.add_argument("--upload-repo", default=None, help="Hugging Face repo to upload the converted model to.")
     parser.add_argument(
         "--force", action="store_true", help="Replace an existing --mlx-path (once the new model is complete)."

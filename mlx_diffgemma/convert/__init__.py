@@ -31,6 +31,7 @@ from ..utils import (
     get_model_path,
     load_config,
     load_model,
+    rename,
 )
 
 DTYPES = ("float16", "bfloat16", "float32")
@@ -116,12 +117,15 @@ def convert(
     recipe: Union[str, Dict[str, Optional[str]], None] = None,
     force: bool = False,
     progress: bool = True,
+    text_only: bool = False,
 ) -> Path:
     """Convert a DiffusionGemma checkpoint (local directory or Hub id) to MLX.
 
     Giving any of ``q_bits``, ``q_group_size``, ``q_mode`` or ``recipe``
     implies ``quantize``. ``recipe`` is a name from RECIPES or a table like
-    theirs (piece -> "requested", "high" or None). Returns the output directory.
+    theirs (piece -> "requested", "high" or None). ``text_only`` leaves the
+    vision tower out (1.15 GB of the released model in bf16). Returns the
+    output directory.
     """
     quantize = quantize or any(v is not None for v in (q_bits, q_group_size, q_mode, recipe))
     if quantize and dequantize:
@@ -149,6 +153,8 @@ def convert(
     check_replaceable(target, force)
 
     slots = read_source(model_path)
+    if text_only:
+        slots = {n: slot for n, slot in slots.items() if not any(r.startswith(VISION_MODULES) for r in rename(n))}
     plan = plan_conversion(config, slots, settings, recipe, dequantize, dtype)
     print(f"[INFO] {model_path}: {len(slots)} tensors, {describe_size(sum(s.nbytes for s in slots.values()))}")
     quantization = describe_quantization(plan, dtype)
