@@ -7,9 +7,12 @@ import re
 import sys
 
 from .. import cli
+from ..image_prompts import image_reader
 from ..server import Config, Conversations, Settings, Worker, make_server
+from ..server.images import MAX_IMAGE_BYTES, MAX_IMAGES, ImagePolicy, request_bytes_for
 
 DEFAULT_MAX_TOKENS = 512
+DEFAULT_REQUEST_BYTES = 8 * 1024 * 1024
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
@@ -21,6 +24,28 @@ def byte_size(text: str) -> int:
     number, unit, binary = match.groups()
     scale = (1024 if binary else 1000) ** " kmgt".index(unit or " ")
     return int(float(number) * scale)
+
+
+def positive_size(text: str) -> int:
+    size = byte_size(text)
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte, got {text!r}")
+    return size
+
+
+def request_limit(args, reads_images: bool, policy: ImagePolicy) -> int:
+    """--max-request-bytes, or by default a limit a request with the most
+    images of the largest size fits in (for a model that reads images)."""
+    needed = request_bytes_for(policy) if reads_images else 0
+    if args.max_request_bytes is None:
+        return max(DEFAULT_REQUEST_BYTES, needed)
+    if args.max_request_bytes < needed:
+        print(
+            f"note: --max-request-bytes {args.max_request_bytes} is less than {args.max_images} base64 images of "
+            f"--max-image-bytes {args.max_image_bytes} need ({needed}); larger requests get 413",
+            file=sys.stderr,
+        )
+    return args.max_request_bytes
 
 
 def setup_arg_parser():
@@ -52,9 +77,10 @@ def setup_arg_parser():
     parser.add_argument(
         "--max-request-bytes",
         type=byte_size,
-        default=8 * 1024 * 1024,
+        default=None,
         metavar="SIZE",
-        help="Largest request body accepted; larger ones get 413 (default: 8MiB).",
+        help="Largest request body accepted; larger ones get 413 (default: 8MiB, or for a model that reads "
+        "images enough for --max-images base64 images of --max-image-bytes: 214MiB with the defaults).",
     )
     parser.add_argument(
         "--request-timeout",
@@ -99,6 +125,33 @@ def setup_arg_parser():
         help="Most memory those conversations' caches may hold, e.g. 4GB (default: no bound beyond their number).",
     )
     parser.add_argument(
+        "--allow-image-urls",
+        action="store_true",
+        help="Fetch http(s) image URLs that requests name (default: off; the server would fetch "
+        "whatever a request names, addresses on its own network included). data: URLs are always taken.",
+    )
+    parser.add_argument(
+        "--allow-image-files",
+        action="store_true",
+        help="Read image paths and file:// URLs that requests name, as this server's user (default: off; "
+        "a request must not read the server's files).",
+    )
+    parser.add_argument(
+        "--max-images",
+        type=cli.positive_int,
+        default=MAX_IMAGES,
+        metavar="N",
+        help=f"Most images in one chat request; more get 400 (default: {MAX_IMAGES}).",
+    )
+    parser.add_argument(
+        "--max-image-bytes",
+        type=positive_size,
+        default=MAX_IMAGE_BYTES,
+        metavar="SIZE",
+        help="Largest image, encoded (a data URL's decoded bytes, a download, a file); larger ones get 400 "
+        "(default: 20MiB).",
+    )
+    parser.add_argument(
         "--log-level",
         default="INFO",
         choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
@@ -125,18 +178,24 @@ def run_server(args) -> int:
         raise ValueError(f"--port {args.port}: must be in 0..65535")
     sampler = cli.sampler_flags(args)  # resolved by the worker once the model is loaded
 
+    images = ImagePolicy(args.allow_image_urls, args.allow_image_files, args.max_images, args.max_image_bytes)
     worker = Worker(
         lambda: cli.load_for_generation(args.model, args.adapter_path),
-        Settings(args.model, args.max_concurrency, args.queue_size, sampler),
+        Settings(args.model, args.max_concurrency, args.queue_size, sampler, images),
         Conversations(args.prompt_cache_size, args.prompt_cache_bytes),
     )
     worker.start()
+    try:
+        image_reader(worker.model)
+        reads_images = True
+    except ValueError:
+        reads_images = False
     config = Config(
         default_max_tokens=args.max_tokens,
         template_defaults=dict(args.chat_template_args),
         api_key=args.api_key,
         allowed_origins=args.allowed_origins,
-        max_request_bytes=args.max_request_bytes,
+        max_request_bytes=request_limit(args, reads_images, images),
         request_timeout=args.request_timeout,
         max_connections=args.max_connections,
     )
@@ -150,6 +209,12 @@ def run_server(args) -> int:
             "runs the model" + ("" if args.api_key else " (no --api-key set)"),
             file=sys.stderr,
         )
+        if args.allow_image_urls or args.allow_image_files:
+            print(
+                "warning: with --allow-image-urls or --allow-image-files, requests from other machines can "
+                "make this server fetch URLs (its own network's too) or read its files",
+                file=sys.stderr,
+            )
     host, port = server.server_address[:2]
     print(f"Serving {args.model} on http://{host}:{port}/ (Ctrl-C stops)", flush=True)
     try:

@@ -3,6 +3,7 @@
 - ``protocol``: request checking and response bodies;
 - ``output``: generated text into ``content``, ``reasoning_content`` and ``tool_calls``;
 - ``conversations``: recent conversations kept encoded;
+- ``images``: which image sources a request may name, read before it is queued;
 - ``worker``: the one thread that runs the model, requests taking turns a canvas each;
 - ``http``: routes, limits, authentication and streaming.
 
@@ -11,6 +12,7 @@
 
 from .conversations import Conversations
 from .http import Config, make_server
+from .images import ImagePolicy
 from .worker import Settings, Worker
 
-__all__ = ["Config", "Conversations", "Settings", "Worker", "make_server"]
+__all__ = ["Config", "Conversations", "ImagePolicy", "Settings", "Worker", "make_server"]

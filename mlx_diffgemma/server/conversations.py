@@ -4,7 +4,8 @@ OpenAI clients send the whole conversation with every request. After an
 answer the server keeps its cache (prompt, answer, stop token) with the ids the
 conversation renders to once the client adds that answer as an ``assistant``
 message. A later request whose rendering extends those ids takes the cache
-over and encodes only the rest (``chat.continuation``, the rule ``chat`` uses).
+over and encodes only the rest (``chat.continuation``, the rule ``chat`` uses),
+if the images it holds are the request's first images (``ChatCache.images``).
 A cache serves one request at a time: it leaves the store while in use.
 Least recently stored caches go first when there are more than ``max_entries``
 or their arrays hold more than ``max_bytes``.
@@ -12,7 +13,7 @@ or their arrays hold more than ``max_bytes``.
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from ..chat import ChatCache, continuation
 
@@ -33,11 +34,18 @@ class Conversations:
     def nbytes(self) -> int:
         return sum(e.chat_cache.cache.nbytes for e in self.entries.values())
 
-    def take(self, full: List[int]) -> Optional[Tuple[ChatCache, List[int]]]:
+    def take(self, full: List[int], images: Sequence[str] = ()) -> Optional[Tuple[ChatCache, List[int]]]:
         """The cache of the longest stored conversation ``full`` continues, and
-        the ids still to encode; the entry leaves the store."""
+        the ids still to encode; the entry leaves the store. ``images``: the
+        digests of the request's images, in order; a cache is taken only if
+        the images it holds are the first of them (the same ids with another
+        picture are another conversation), and the images after those are the
+        ones still to encode."""
         best = None
         for key, entry in self.entries.items():
+            held = entry.chat_cache.images
+            if list(images[: len(held)]) != list(held):
+                continue
             rest = continuation(full, entry.rendered, entry.chat_cache.stop_token)
             if rest is not None and (best is None or len(rest) < len(best[1])):
                 best = (key, rest)

@@ -115,8 +115,8 @@ def content_parts(content, where: str, role: str) -> Optional[Union[str, List[Di
         else:
             got = "a text part without a 'text' string" if kind == "text" else kind or type_name(part)
             raise bad(
-                f"'{here}' must be a text part ({{\"type\": \"text\", \"text\": ...}}) or an image part "
-                f"({{\"type\": \"image_url\", \"image_url\": {{\"url\": ...}}}}; got {got})",
+                f'\'{here}\' must be a text part ({{"type": "text", "text": ...}}) or an image part '
+                f'({{"type": "image_url", "image_url": {{"url": ...}}}}; got {got})',
                 here,
             )
     return parts

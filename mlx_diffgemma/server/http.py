@@ -180,7 +180,8 @@ class Handler(BaseHTTPRequestHandler):
                 pass
             raise APIError(
                 413,
-                f"the request body is {length} bytes, more than this server's limit of {self.config.max_request_bytes}",
+                f"the request body is {length} bytes, more than this server's limit of "
+                f"{self.config.max_request_bytes} bytes (--max-request-bytes; a base64 image takes 4/3 of its size)",
                 code="request_too_large",
             )
         try:

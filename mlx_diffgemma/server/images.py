@@ -99,8 +99,8 @@ def read_images(model, model_id: str, parts: Sequence[Tuple[str, str]], policy: 
         ) from None
     if len(parts) > policy.max_images:
         raise image_error(
-            f"the request has {len(parts)} images, more than this server's limit of {policy.max_images} "
-            "(--max-images)",
+            f"'{parts[policy.max_images][0]}': the request has {len(parts)} images, more than this server's "
+            f"limit of {policy.max_images} (--max-images)",
             parts[policy.max_images][0],
             "too_many_images",
         )

@@ -4,8 +4,9 @@
 returns a typed request: ``ChatRequest`` (/v1/chat/completions),
 ``CompletionRequest`` (/v1/completions), ``InfillRequest`` (llama.cpp's
 /infill) or ``EditRequest`` (/edit). Each knows how its text is tokenized
-(``prepare``, on the HTTP thread; a chat's images too, ``read_images``), which stream writes it, and how its answers
-look: OpenAI's chunks and bodies, llama.cpp's /infill fields, an edit's text.
+(``prepare``, on the HTTP thread, as a chat's images are read: ``read_images``),
+which stream writes it, and how its answers look: OpenAI's chunks and bodies,
+llama.cpp's /infill fields, an edit's text.
 The worker only schedules. Fields of OpenAI's API that do not apply to a
 diffusion sampler (``temperature``, ``top_p``, penalties: docs/server.md lists
 them) are accepted and ignored, as are fields neither OpenAI's nor ours, so

@@ -1,8 +1,9 @@
 """One worker thread does all MLX work; requests take turns on it.
 
-HTTP threads parse a request, check it against the server's limits and
-tokenize it (``prepare``: the tokenizer lets other threads run meanwhile, so
-a long prompt is read beside the running model rather than in its turn), wrap
+HTTP threads parse a request, check it against the server's limits,
+tokenize it and decode its images (``prepare``: the tokenizer lets other
+threads run meanwhile, so a long prompt is read beside the running model
+rather than in its turn; an image is encoded in the worker's turn), wrap
 it in a ``Job`` and ``submit`` it; the worker answers through the job's event
 queue:
 
