@@ -268,6 +268,8 @@ def test_the_router_stays_frozen_by_default(model_dir):
     names = adapters.trainable_weights(model)
     assert not [n for n in names if ".router." in n]
     assert "layers.0.mlp.up_proj.weight" in names
+    # Training reads text only: the vision tower (the test checkpoint has one) stays frozen.
+    assert model.args.vision is not None and not [n for n in names if n.startswith(("vision_", "embed_vision"))]
     adapters.prepare(model, "full", -1, train_router=True)
     assert "layers.0.router.proj.weight" in adapters.trainable_weights(model)
 

@@ -98,6 +98,11 @@ def prepare(
             raise AdapterError("--fine-tune-type full: the model is quantized; train LoRA on it (QLoRA) instead")
         if num_layers == -1:
             model.unfreeze()
+            # Training reads text: the vision tower gets no gradient, and with
+            # weight decay an optimizer would still move it.
+            for tower in ("vision_tower", "embed_vision"):
+                if tower in model:
+                    model[tower].freeze()
         else:
             for layer in model.layers[-n:]:
                 layer.unfreeze()
