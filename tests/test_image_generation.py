@@ -197,3 +197,18 @@ def test_image_places_side_by_side_expanded_and_wrapped(checkpoint):
     assert place_images(model, [2, BOI_ID, IMAGE_ID, EOI_ID], [a]) == [2, *span_a]
     with pytest.raises(ValueError, match=f"holds 3 image tokens; the image takes {na}"):
         place_images(model, [2, BOI_ID, IMAGE_ID, IMAGE_ID, IMAGE_ID, EOI_ID], [a])
+
+
+def test_the_first_run_memory_check_counts_the_vision_tower(checkpoint):
+    from mlx_diffgemma import cli
+    from mlx_diffgemma.utils import LoadError
+
+    _, model, _, path = checkpoint
+    weights = mx.load(str(path / "model.safetensors"))
+    vision = sum(v.nbytes for k, v in weights.items() if "vision" in k)
+    size = (path / "model.safetensors").stat().st_size
+    assert vision > 0
+    cli.check_memory(str(path), memory=size)  # fits
+    with pytest.raises(LoadError, match="more than"):
+        # Room for all but half the tower: the text alone would fit, the whole does not.
+        cli.check_memory(str(path), memory=size - vision // 2)
