@@ -1,10 +1,7 @@
-"""DiffusionGemma's text config, read from a checkpoint's config.json."""
+"""DiffusionGemma's text and vision configs, read from a checkpoint's config.json."""
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, List, Optional
-
-if TYPE_CHECKING:
-    from .vision import VisionArgs
+from typing import Any, Dict, List, Optional
 
 
 class ConfigError(ValueError):
@@ -36,6 +33,55 @@ DEFAULT_ROPE = {
         "rope_theta": 1_000_000.0,
     },
 }
+
+
+_VISION_REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "head_dim")
+
+
+@dataclass
+class VisionArgs:
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    patch_size: int = 16
+    pooling_kernel_size: int = 3
+    position_embedding_size: int = 10 * 1024
+    rope_theta: float = 100.0
+    standardize: bool = False
+    use_clipped_linears: bool = False
+
+    @classmethod
+    def from_dict(cls, vision: Dict[str, Any], source: str = "config.json") -> "VisionArgs":
+        missing = [k for k in _VISION_REQUIRED if vision.get(k) is None]
+        if missing:
+            raise ConfigError(f"{source}: vision_config is missing {', '.join(missing)}")
+        if vision.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+            raise ConfigError(
+                f"{source}: vision_config.hidden_activation {vision['hidden_activation']!r} is not supported"
+            )
+        if vision["head_dim"] % 4:
+            # Two axes, each rotated in halves.
+            raise ConfigError(f"{source}: vision_config.head_dim {vision['head_dim']} is not a multiple of 4")
+        rope = vision.get("rope_parameters") or {}
+        return cls(
+            hidden_size=vision["hidden_size"],
+            intermediate_size=vision["intermediate_size"],
+            num_hidden_layers=vision["num_hidden_layers"],
+            num_attention_heads=vision["num_attention_heads"],
+            num_key_value_heads=vision.get("num_key_value_heads") or vision["num_attention_heads"],
+            head_dim=vision["head_dim"],
+            rms_norm_eps=vision.get("rms_norm_eps", 1e-6),
+            patch_size=vision.get("patch_size", 16),
+            pooling_kernel_size=vision.get("pooling_kernel_size", 3),
+            position_embedding_size=vision.get("position_embedding_size", 10 * 1024),
+            rope_theta=rope.get("rope_theta", 100.0),
+            standardize=bool(vision.get("standardize", False)),
+            use_clipped_linears=bool(vision.get("use_clipped_linears", False)),
+        )
 
 
 # The ids that mark an image, when config.json does not name them: those of
@@ -73,7 +119,7 @@ class ModelArgs:
     model_type: str = "diffusion_gemma"
     # Image input: the vision tower's shapes (None: a text-only model) and the
     # ids that mark an image in a prompt (begin, one per soft token, end).
-    vision: Optional["VisionArgs"] = None
+    vision: Optional[VisionArgs] = None
     image_token_id: Optional[int] = None
     boi_token_id: Optional[int] = None
     eoi_token_id: Optional[int] = None
@@ -152,8 +198,6 @@ class ModelArgs:
             raise ConfigError(f"{source}: eos_token_id must be a token id or a list of them") from None
         vision = None
         if isinstance(config.get("vision_config"), dict):
-            from .vision import VisionArgs
-
             vision = VisionArgs.from_dict(config["vision_config"], source)
         image_ids = {}
         for key, default in IMAGE_TOKEN_DEFAULTS.items():

@@ -85,10 +85,10 @@ def place_images(model: Model, ids: List[int], images: List[PromptImage], what: 
     """``ids`` with each image's place (one image token, or a span already of
     its size) made the image's span: begin, its soft tokens, end."""
     args = model.args
-    if args.image_token_id is None:
-        if images:
-            image_reader(model)  # names the problem
-        return ids
+    if images:
+        image_reader(model)  # a text-only model: says so
+    elif args.vision is None or args.image_token_id is None:
+        return ids  # a text-only model reads the image token as any other
     begin, end = args.boi_token_id, args.eoi_token_id
     places = image_places(ids, args.image_token_id, begin, end)
     if len(places) != len(images):

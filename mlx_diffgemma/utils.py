@@ -13,6 +13,7 @@ from mlx_lm.utils import infer_quant_config
 
 from . import cpu_experts
 from .config import ConfigError, ModelArgs, eos_token_ids
+from .images import ImageError, ImageProcessor
 from .model import Model
 from .tokenizer import TokenizerError, load_tokenizer
 from .tuner.adapters import load_adapters
@@ -309,8 +310,6 @@ def load_model(model_path: Path, lazy: bool = False) -> Model:
     model.generation_config = _load_generation_config(model_path)
     model.path = str(model_path)  # named by errors about what the weights produce
     if args.vision is not None:
-        from .images import ImageError, ImageProcessor
-
         try:
             model.image_processor = ImageProcessor.from_checkpoint(model_path, config)
         except ImageError as e:

@@ -9,61 +9,11 @@ P / 9 soft tokens, which take the place of the prompt's image tokens.
 """
 
 import math
-from dataclasses import dataclass
-from typing import Any, Dict
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from .config import ConfigError
-
-_REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "head_dim")
-
-
-@dataclass
-class VisionArgs:
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    rms_norm_eps: float = 1e-6
-    patch_size: int = 16
-    pooling_kernel_size: int = 3
-    position_embedding_size: int = 10 * 1024
-    rope_theta: float = 100.0
-    standardize: bool = False
-    use_clipped_linears: bool = False
-
-    @classmethod
-    def from_dict(cls, vision: Dict[str, Any], source: str = "config.json") -> "VisionArgs":
-        missing = [k for k in _REQUIRED if vision.get(k) is None]
-        if missing:
-            raise ConfigError(f"{source}: vision_config is missing {', '.join(missing)}")
-        if vision.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
-            raise ConfigError(
-                f"{source}: vision_config.hidden_activation {vision['hidden_activation']!r} is not supported"
-            )
-        if vision["head_dim"] % 4:
-            # Two axes, each rotated in halves.
-            raise ConfigError(f"{source}: vision_config.head_dim {vision['head_dim']} is not a multiple of 4")
-        rope = vision.get("rope_parameters") or {}
-        return cls(
-            hidden_size=vision["hidden_size"],
-            intermediate_size=vision["intermediate_size"],
-            num_hidden_layers=vision["num_hidden_layers"],
-            num_attention_heads=vision["num_attention_heads"],
-            num_key_value_heads=vision.get("num_key_value_heads") or vision["num_attention_heads"],
-            head_dim=vision["head_dim"],
-            rms_norm_eps=vision.get("rms_norm_eps", 1e-6),
-            patch_size=vision.get("patch_size", 16),
-            pooling_kernel_size=vision.get("pooling_kernel_size", 3),
-            position_embedding_size=vision.get("position_embedding_size", 10 * 1024),
-            rope_theta=rope.get("rope_theta", 100.0),
-            standardize=bool(vision.get("standardize", False)),
-            use_clipped_linears=bool(vision.get("use_clipped_linears", False)),
-        )
+from .config import VisionArgs
 
 
 class ClippableLinear(nn.Module):

@@ -212,3 +212,24 @@ def test_the_first_run_memory_check_counts_the_vision_tower(checkpoint):
     with pytest.raises(LoadError, match="more than"):
         # Room for all but half the tower: the text alone would fit, the whole does not.
         cli.check_memory(str(path), memory=size - vision // 2)
+
+
+def test_prompt_chunks_never_cut_an_image(checkpoint, monkeypatch):
+    """Prompts are encoded in chunks; a chunk end that falls inside an image moves past it,
+    and the result equals encoding the prompt at once."""
+    from mlx_diffgemma import prompts
+
+    _, model, _, _ = checkpoint
+    images = prepare_images(model, [picture(0)])
+    ids = place_images(model, [2, 300, 301, IMAGE_ID, 302, 303], images)
+    features = [image_features(model, images)]
+    whole = model.make_cache()
+    encode_prompt(model, [ids], whole, features)
+    monkeypatch.setattr(prompts, "PREFILL_STEP", 8)
+    bounds = prompts._chunks(len(ids), np.array([ids]) == IMAGE_ID)
+    # bos, 300, 301, <|image>, then the image's tokens: the first chunk ends after them.
+    assert bounds == [(0, 4 + images[0].soft_tokens), (4 + images[0].soft_tokens, len(ids))]
+    chunked = model.make_cache()
+    encode_prompt(model, [ids], chunked, features)
+    for ours, theirs in zip(chunked, whole):
+        np.testing.assert_allclose(np.array(ours.keys), np.array(theirs.keys), atol=1e-5)

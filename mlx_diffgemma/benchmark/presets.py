@@ -118,7 +118,9 @@ PRESETS = {
 
 def random_model(config: dict, seed: int) -> Model:
     mx.random.seed(seed)
-    model = Model(ModelArgs.from_dict(config))
+    args = ModelArgs.from_dict(config)
+    args.vision = None  # the benchmark is text only (and its random prompts may hold the image token)
+    model = Model(args)
     mx.eval(model.parameters())
     model.eval()
     return model
