@@ -436,17 +436,24 @@ def _read_file(path: Path, name: str, max_bytes: int) -> bytes:
     return data
 
 
-def _load(
-    source: Any,
-    label: Optional[str],
+def load_image(
+    source: ImageSource,
     *,
     allow_paths: bool = True,
     allow_urls: bool = True,
     max_bytes: int = 20 * 2**20,
     max_pixels: int = 50_000_000,
     timeout: float = 10.0,
+    label: Optional[str] = None,
 ) -> Image.Image:
-    """load_image with ``label`` ("image 2" in a list) naming a source that has no name of its own."""
+    """A decoded image from a PIL image, encoded bytes, a data:image/...;base64 URL,
+    an http(s) URL or a local path; ImageError for any problem. ``label``
+    ("image 2" in a list) names a source that has no name of its own.
+
+    A server taking requests from others should pass allow_paths=False (a request
+    must not read the server's files) and decide on allow_urls (the server would
+    fetch what requests name).
+    """
     if isinstance(source, Image.Image):
         _check_pixels(source, label or "image", max_pixels)
         return source
@@ -480,37 +487,10 @@ def _load(
     )
 
 
-def load_image(
-    source: ImageSource,
-    *,
-    allow_paths: bool = True,
-    allow_urls: bool = True,
-    max_bytes: int = 20 * 2**20,
-    max_pixels: int = 50_000_000,
-    timeout: float = 10.0,
-) -> Image.Image:
-    """A decoded image from a PIL image, encoded bytes, a data:image/...;base64 URL,
-    an http(s) URL or a local path; ImageError for any problem.
-
-    A server taking requests from others should pass allow_paths=False (a request
-    must not read the server's files) and decide on allow_urls (the server would
-    fetch what requests name).
-    """
-    return _load(
-        source,
-        None,
-        allow_paths=allow_paths,
-        allow_urls=allow_urls,
-        max_bytes=max_bytes,
-        max_pixels=max_pixels,
-        timeout=timeout,
-    )
-
-
 def load_images(sources: Sequence[ImageSource], *, max_images: int = 8, **kwargs) -> List[Image.Image]:
     """load_image for each source, with the same keyword arguments (a source without
     a name of its own, such as bytes, is named "image N" in messages)."""
     sources = list(sources)
     if len(sources) > max_images:
         raise ImageError(f"{len(sources)} images, above the limit of {max_images}")
-    return [_load(source, f"image {i}", **kwargs) for i, source in enumerate(sources, 1)]
+    return [load_image(source, label=f"image {i}", **kwargs) for i, source in enumerate(sources, 1)]

@@ -121,7 +121,10 @@ def encode_prompt(
                     parts.append(f[used[r] : used[r] + n])
                     used[r] += n
             features = mx.concatenate(parts, axis=0) if parts else None
-        model.encode(ids[:, start:end], cache, left_padding=left_padding, image_features=features)
+        if features is None:
+            model.encode(ids[:, start:end], cache, left_padding=left_padding)
+        else:
+            model.encode(ids[:, start:end], cache, left_padding=left_padding, image_features=features)
         left_padding = None
         mx.eval([c.state for c in cache])
     return length

@@ -20,6 +20,7 @@ from types import SimpleNamespace
 
 import pytest
 from openai import APIStatusError, OpenAI
+from server_process import launch
 from trained_checkpoint import CONVERSATIONS, TOOLS, build_trained_checkpoint
 
 from mlx_diffgemma import load
@@ -89,23 +90,8 @@ class Server:
 
 
 def start_server(model_dir, adapter_dir, *extra) -> Server:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    args = ["--model", MODEL_ID, "--adapter-path", str(adapter_dir), "--port", "0", "--api-key", KEY]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlx_diffgemma.server", *args, "--log-level", "WARNING", *extra],
-        cwd=model_dir.parent,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    line = proc.stdout.readline()
-    match = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
-    if not match:
-        proc.kill()
-        raise RuntimeError(f"the server did not start: {line!r} {proc.stderr.read()}")
-    threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep the pipe drained
-    return Server(proc, f"http://127.0.0.1:{match.group(1)}")
+    args = ["--adapter-path", str(adapter_dir), "--api-key", KEY]
+    return Server(*launch(MODEL_ID, model_dir.parent, *args, *extra))
 
 
 def serving(trained, *extra):

@@ -5,12 +5,9 @@ and seed, in-process; every bad image is a 400 naming its part."""
 
 import base64
 import json
-import os
 import re
 import shutil
 import struct
-import subprocess
-import sys
 import threading
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,6 +16,7 @@ import mlx.core as mx
 import pytest
 from openai import APIStatusError, OpenAI
 from reference import CANVAS
+from server_process import launch
 from vision_checkpoint import picture, png, write_vision_checkpoint
 
 from mlx_diffgemma import load
@@ -67,23 +65,10 @@ class Server:
 
 def serving(model_dir, *extra):
     # Requests for 127.0.0.1 (the picture server) must not go through a proxy.
-    env = dict(os.environ, PYTHONUNBUFFERED="1", no_proxy="127.0.0.1,localhost", NO_PROXY="127.0.0.1,localhost")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlx_diffgemma.server", "--model", model_dir.name, "--port", "0"]
-        + ["--log-level", "WARNING", *extra],
-        cwd=model_dir.parent,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    proc, url = launch(
+        model_dir.name, model_dir.parent, *extra, no_proxy="127.0.0.1,localhost", NO_PROXY="127.0.0.1,localhost"
     )
-    line = proc.stdout.readline()
-    match = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
-    if not match:
-        proc.kill()
-        raise RuntimeError(f"the server did not start: {line!r} {proc.stderr.read()}")
-    threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep the pipe drained
-    yield Server(proc, f"http://127.0.0.1:{match.group(1)}")
+    yield Server(proc, url)
     proc.terminate()
     proc.wait(timeout=30)
 
