@@ -134,8 +134,9 @@ class Attention(nn.Module):
         keys = self.k_norm(keys)
         values = self.v_norm(values)
 
-        queries = self.rope(queries.transpose(0, 2, 1, 3), offset=cache.offset)
-        keys = self.rope(keys.transpose(0, 2, 1, 3), offset=cache.offset)
+        # Each row at its own positions: rows of a batch may be padded differently.
+        queries = self.rope(queries.transpose(0, 2, 1, 3), offset=cache.positions)
+        keys = self.rope(keys.transpose(0, 2, 1, 3), offset=cache.positions)
         values = values.transpose(0, 2, 1, 3)
 
         if encoding:

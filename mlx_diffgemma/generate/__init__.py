@@ -21,7 +21,7 @@ step waits for.
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 
@@ -113,10 +113,22 @@ class RowKeys:
     def __init__(self, seeds: List[int]):
         self.keys = [mx.random.key(s) for s in seeds]
 
-    def next(self) -> List[mx.array]:
-        pairs = [mx.random.split(k) for k in self.keys]
-        self.keys = [p[0] for p in pairs]
-        return [p[1] for p in pairs]
+    def next(self, held: Optional[List[bool]] = None) -> List[mx.array]:
+        """A key per row. Rows ``held`` (a stopped row, whose samples are
+        thrown away) get their chain's current key and their chains wait, so
+        the row's next canvas draws what it would draw alone."""
+        if held is None or not any(held):
+            pairs = [mx.random.split(k) for k in self.keys]
+            self.keys = [p[0] for p in pairs]
+            return [p[1] for p in pairs]
+        out = []
+        for r, (key, hold) in enumerate(zip(self.keys, held)):
+            if hold:
+                out.append(key)
+            else:
+                self.keys[r], sub = mx.random.split(key)
+                out.append(sub)
+        return out
 
 
 def noise_canvas(keys: List[mx.array], canvas_length: int, vocab_size: int) -> mx.array:
@@ -144,6 +156,117 @@ def _queue(result):
     return state, update, mean_entropy
 
 
+def denoise_canvas(
+    model: Model,
+    cache: PromptCache,
+    canvas: mx.array,
+    params: SamplerParams,
+    rng: RowKeys,
+    canvas_index: int = 0,
+    fixed: Optional[sampler.FixedPositions] = None,
+    resting: Optional[List[bool]] = None,
+    hold_keys: bool = False,
+) -> Iterator[DenoisingStep]:
+    """Denoise one canvas [B, C]: a ``DenoisingStep`` per step until every row
+    stopped or ``max_denoising_steps`` is reached; the last one's ``argmax``
+    is the canvas to commit. The cache is left as it is.
+
+    ``resting`` marks rows that ride along without counting (finished on an
+    earlier canvas). ``hold_keys``: a stopped row's key chain waits while the
+    others go on (``RowKeys.next``), so every row draws what it draws alone
+    (the batch engine's rule; ``generate_step`` advances every chain).
+
+    While the canvas cannot stop or is far from confident, the next step's
+    graph is built and queued before the host reads this step's stop flags;
+    a queued step the read makes moot (the canvas stopped, or a row stopped
+    and must now be held) is dropped and its keys reused, so results never
+    depend on it.
+    """
+    N = params.max_denoising_steps
+    resting = [False] * canvas.shape[0] if resting is None else list(resting)
+    stopped = [False] * canvas.shape[0]
+
+    def keys(known_stopped):
+        return rng.next([a or b for a, b in zip(resting, known_stopped)] if hold_keys else None)
+
+    # Some running row was confident at the last read. Before the first
+    # read nothing is known: a canvas that may stop at its first step
+    # (stability threshold 0) is not run ahead, since most such canvases
+    # do stop there and the step queued ahead would be thrown away.
+    confident = True
+
+    step = 1
+    start = CanvasState.start(canvas, params)
+    pending = _queue(denoise_step(model, cache, start, params, step, keys(stopped), fixed))
+    while True:
+        state, update, mean_entropy = pending
+        # The stop check compares with the last S argmax canvases; before
+        # S steps the history holds no canvas, so no row can stop yet.
+        may_stop = step - 1 >= params.stability_threshold
+        ahead = None
+        if step < N and not (may_stop and confident):
+            saved_keys = list(rng.keys)
+            ahead = _queue(denoise_step(model, cache, state, params, step + 1, keys(stopped), fixed, any(stopped)))
+        denoised = [not r for r in resting]
+        new_stopped = state.stopped.tolist()  # the step's one wait for the device
+        mean_entropy = mean_entropy.tolist()
+        if not all(math.isfinite(h) for h in mean_entropy):
+            # NaN logits give NaN entropies; read anyway, so the check is free.
+            raise NonFiniteError(
+                f"{model.path or 'the model'}: the model produced non-finite values "
+                f"(canvas {canvas_index + 1}, step {step}); its weights hold NaN or infinity"
+            )
+        resting = [a or b for a, b in zip(resting, new_stopped)]
+        confident = any(h < params.confidence_threshold for h, r in zip(mean_entropy, resting) if not r)
+        yield DenoisingStep(
+            canvas_index,
+            step,
+            state.argmax,
+            update.entropy,
+            update.accepted,
+            mean_entropy,
+            new_stopped,
+            denoised,
+            update.fixed_logprob,
+            state.positions,
+        )
+        done = all(resting) or step == N
+        if ahead is not None and (done or new_stopped != stopped):
+            # Moot: dropped, and its keys go to whatever runs next.
+            ahead, rng.keys = None, saved_keys
+        if done:
+            return
+        if ahead is None:
+            ahead = _queue(
+                denoise_step(model, cache, state, params, step + 1, keys(new_stopped), fixed, any(new_stopped))
+            )
+        stopped = new_stopped
+        pending = ahead
+        step += 1
+
+
+def commit_row(
+    argmax: List[int], params: SamplerParams, committed: int, max_tokens: int, last_canvas: bool
+) -> Tuple[List[int], Optional[int], Optional[str], int]:
+    """What a committed canvas adds to a row that has ``committed`` tokens:
+    (its tokens, cut at the first EOS and at ``max_tokens``; the EOS that
+    ended the row, if any; the finish reason, "stop", "length" or None while
+    canvases follow; the reference's valid count, tokens before the EOS plus
+    the EOS)."""
+    ids, stop_token = sampler.split_at_eos(argmax, params.eos_token_id)
+    valid = len(ids) + (stop_token is not None)
+    budget = max_tokens - committed
+    if len(ids) >= budget:
+        ids, stop_token = ids[:budget], None
+    if stop_token is not None:
+        finish = "stop"
+    elif committed + len(ids) >= max_tokens or last_canvas:
+        finish = "length"
+    else:
+        finish = None
+    return ids, stop_token, finish, valid
+
+
 def generate_step(
     model: Model,
     cache: PromptCache,
@@ -162,14 +285,9 @@ def generate_step(
     cache once committed.
 
     On the host each step reads back only the rows' stop flags and mean
-    entropies. While the canvas cannot stop or is far from confident, the next
-    step's graph is built and queued before that read, so the device never
-    waits for the host; a queued step the read makes moot (the canvas stopped,
-    or a row stopped and must now be held) is dropped and its keys reused, so
-    results never depend on it.
+    entropies (``denoise_canvas`` runs the steps, queueing ahead).
     """
     B, C, V = len(seeds), model.canvas_length, model.args.vocab_size
-    N = params.max_denoising_steps
     rng = RowKeys(seeds)
     finished = [False] * B
     committed = [0] * B
@@ -186,91 +304,26 @@ def generate_step(
             canvas = mx.where(held_fixed.mask, held_fixed.tokens, canvas)
         # Rows that finished on an earlier canvas still ride along in the
         # batch, but their passes do not count (as in the reference).
-        resting = list(finished)
-        stopped = [False] * B
-        # Some running row was confident at the last read. Before the first
-        # read nothing is known: a canvas that may stop at its first step
-        # (stability threshold 0) is not run ahead, since most such canvases
-        # do stop there and the step queued ahead would be thrown away.
-        confident = True
+        for event in denoise_canvas(model, cache, canvas, params, rng, canvas_index, held_fixed, finished):
+            yield event
 
-        step = 1
-        start = CanvasState.start(canvas, params)
-        pending = _queue(denoise_step(model, cache, start, params, step, rng.next(), held_fixed))
-        while True:
-            state, update, mean_entropy = pending
-            # The stop check compares with the last S argmax canvases; before
-            # S steps the history holds no canvas, so no row can stop yet.
-            may_stop = step - 1 >= params.stability_threshold
-            ahead = None
-            if step < N and not (may_stop and confident):
-                saved_keys = rng.keys
-                ahead = _queue(
-                    denoise_step(model, cache, state, params, step + 1, rng.next(), held_fixed, any(stopped))
-                )
-            denoised = [not r for r in resting]
-            new_stopped = state.stopped.tolist()  # the step's one wait for the device
-            mean_entropy = mean_entropy.tolist()
-            if not all(math.isfinite(h) for h in mean_entropy):
-                # NaN logits give NaN entropies; read anyway, so the check is free.
-                raise NonFiniteError(
-                    f"{model.path or 'the model'}: the model produced non-finite values "
-                    f"(canvas {canvas_index + 1}, step {step}); its weights hold NaN or infinity"
-                )
-            resting = [a or b for a, b in zip(resting, new_stopped)]
-            confident = any(h < params.confidence_threshold for h, r in zip(mean_entropy, resting) if not r)
-            yield DenoisingStep(
-                canvas_index,
-                step,
-                state.argmax,
-                update.entropy,
-                update.accepted,
-                mean_entropy,
-                new_stopped,
-                denoised,
-                update.fixed_logprob,
-                state.positions,
-            )
-            done = all(resting) or step == N
-            if ahead is not None and (done or new_stopped != stopped):
-                # Moot: dropped, and its keys go to whatever runs next.
-                ahead, rng.keys = None, saved_keys
-            if done:
-                break
-            if ahead is None:
-                ahead = _queue(
-                    denoise_step(model, cache, state, params, step + 1, rng.next(), held_fixed, any(new_stopped))
-                )
-            stopped = new_stopped
-            pending = ahead
-            step += 1
-
-        rows = state.argmax.tolist()
+        rows = event.argmax.tolist()
         commit = CanvasCommit(
-            canvas_index, step, [not f for f in finished], [[] for _ in range(B)], [None] * B, [None] * B, [0] * B
+            canvas_index, event.step, [not f for f in finished], [[] for _ in range(B)], [None] * B, [None] * B, [0] * B
         )
         last_canvas = canvas_index == n_canvases - 1
         for r in range(B):
             if finished[r]:
                 continue
-            ids, stop_token = sampler.split_at_eos(rows[r], params.eos_token_id)
-            commit.valid_tokens[r] = len(ids) + (stop_token is not None)
-            budget = max_tokens - committed[r]
-            if len(ids) >= budget:
-                ids, stop_token = ids[:budget], None
+            ids, stop_token, finish, valid = commit_row(rows[r], params, committed[r], max_tokens, last_canvas)
             committed[r] += len(ids)
-            if stop_token is not None:
-                finish = "stop"
-            elif committed[r] >= max_tokens or last_canvas:
-                finish = "length"
-            else:
-                finish = None
             commit.tokens[r], commit.stop_tokens[r], commit.finish_reasons[r] = ids, stop_token, finish
+            commit.valid_tokens[r] = valid
             finished[r] = finish is not None
         if not all(finished):
             # The committed canvas becomes context for the next one; queued
             # now, it runs while the caller handles the commit.
-            model.encode(state.argmax, cache)
+            model.encode(event.argmax, cache)
             mx.async_eval([c.state for c in cache])
         yield commit
         if all(finished):
@@ -358,8 +411,7 @@ def stream_generate(
     ``model.make_cache()``) keeps the encoded conversation across calls.
     """
     sp = sampler_params(model, params, settings)
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        raise ValueError(f"max_tokens must be a positive integer (got {max_tokens})")
+    check_max_tokens(max_tokens)
     cache = prompt_cache if prompt_cache is not None else model.make_cache()
     batch = as_batch(tokenizer, prompt, model.args.vocab_size, bos=cache.offset == 0)
     batched = _is_batch(prompt)
@@ -369,15 +421,7 @@ def stream_generate(
         for r, (ids, row) in enumerate(zip(batch, prepared))
     ]
     B, C, V = len(batch), model.canvas_length, model.args.vocab_size
-    context = cache.offset + max(len(p) for p in batch)
-    # Every canvas max_tokens may need takes its C positions after the prompt.
-    needed = context + math.ceil(max_tokens / C) * C
-    if needed > model.args.max_position_embeddings:
-        raise ValueError(
-            f"prompt is too long for max_tokens={max_tokens}: {context} prompt tokens plus "
-            f"{math.ceil(max_tokens / C)} canvas(es) of {C} need {needed} positions, more than the "
-            f"model's context of {model.args.max_position_embeddings}"
-        )
+    check_context(model, cache.offset + max(len(p) for p in batch), max_tokens)
     first_canvas = initial_canvases(initial_canvas, B, C, V)
     seeds = row_seeds(seed, B)
 
@@ -387,63 +431,115 @@ def stream_generate(
     prompt_time = time.perf_counter() - tic
     prompt_tps = B * prompt_tokens / max(prompt_time, 1e-9)
 
-    # mlx-lm's wrapper hands out a fresh detokenizer each time: one per row.
-    detokenizers = None if tokenizer is None else [tokenizer.detokenizer for _ in range(B)]
-    finished = [False] * B
-    committed = [0] * B  # tokens returned per row (EOS excluded)
-    valid = [0] * B  # non-pad tokens per row, EOS included: the reference's tokens/forward
-    forward_passes = [0] * B
+    rows = [RowOutput(tokenizer, sp, prompt_tokens, prompt_tps, r) for r in range(B)]
     total_steps = 0
     tic = time.perf_counter()
 
-    def response(row, event, text="", ids=(), finish_reason=None, stop_token=None, argmax=None, positions=0):
-        elapsed = max(time.perf_counter() - tic, 1e-9)
+    def tps():
+        return sum(row.committed for row in rows) / max(time.perf_counter() - tic, 1e-9)
+
+    for event in generate_step(model, cache, seeds, max_tokens, sp, first_canvas):
+        if isinstance(event, DenoisingStep):
+            total_steps += 1
+            for r, row in enumerate(rows):
+                row.forward_passes += event.denoised[r]
+            for row in rows:
+                if not row.finished:
+                    yield row.step(event, event.argmax, tps(), total_steps)
+            continue
+        for r, row in enumerate(rows):
+            if event.active[r]:
+                text = row.add(event.tokens[r], event.valid_tokens[r], event.finish_reasons[r])
+                yield row.commit(event, r, text, tps(), total_steps)
+
+
+class RowOutput:
+    """One row's committed text and statistics, as ``GenerationResponse``s:
+    ``stream_generate``'s rows and the batch engine's (``batch.Batch``)."""
+
+    def __init__(self, tokenizer, params: SamplerParams, prompt_tokens: int, prompt_tps: float, row: int = 0):
+        self.tokenizer, self.params, self.row = tokenizer, params, row
+        self.prompt_tokens, self.prompt_tps = prompt_tokens, prompt_tps
+        # mlx-lm's wrapper hands out a fresh detokenizer each time: one per row.
+        self.detokenizer = None if tokenizer is None else tokenizer.detokenizer
+        self.committed = 0  # tokens returned (EOS excluded)
+        self.valid = 0  # non-pad tokens, EOS included: the reference's tokens/forward
+        self.forward_passes = 0
+        self.finished = False
+
+    def add(self, ids: List[int], valid: int, finish_reason: Optional[str]) -> str:
+        """Take a canvas' share for this row; returns the text it adds."""
+        self.valid += valid
+        self.committed += len(ids)
+        self.finished = finish_reason is not None
+        if self.detokenizer is None:
+            return ""
+        for t in ids:
+            self.detokenizer.add_token(t)
+        if finish_reason:
+            self.detokenizer.finalize()
+        return self.detokenizer.last_segment
+
+    def step(self, event: DenoisingStep, argmax: mx.array, generation_tps: float, steps: int) -> GenerationResponse:
+        """The response for a denoising step; ``argmax`` holds the row's draft at index ``row``."""
+        return self._response(event, generation_tps, steps, argmax=argmax, positions=event.positions)
+
+    def commit(self, event: CanvasCommit, r: int, text: str, generation_tps: float, steps: int) -> GenerationResponse:
+        """The response for a committed canvas, whose row ``r`` this row is."""
+        ids, finish = event.tokens[r], event.finish_reasons[r]
+        return self._response(event, generation_tps, steps, text, ids, finish, event.stop_tokens[r])
+
+    def _response(
+        self,
+        event,
+        generation_tps,
+        steps,
+        text="",
+        ids=(),
+        finish_reason=None,
+        stop_token=None,
+        argmax=None,
+        positions=0,
+    ) -> GenerationResponse:
         return GenerationResponse(
             text=text,
             token_ids=list(ids),
             canvas_index=event.canvas_index,
             step=event.step,
-            max_denoising_steps=sp.max_denoising_steps,
-            prompt_tokens=prompt_tokens,
-            prompt_tps=prompt_tps,
-            generation_tokens=committed[row],
-            generation_tps=sum(committed) / elapsed,
-            denoising_steps=total_steps,
-            tokens_per_forward=valid[row] / max(forward_passes[row], 1),
+            max_denoising_steps=self.params.max_denoising_steps,
+            prompt_tokens=self.prompt_tokens,
+            prompt_tps=self.prompt_tps,
+            generation_tokens=self.committed,
+            generation_tps=generation_tps,
+            denoising_steps=steps,
+            tokens_per_forward=self.valid / max(self.forward_passes, 1),
             peak_memory=mx.get_peak_memory() / 1e9,
             finish_reason=finish_reason,
             stop_token=stop_token,
-            row=row,
+            row=self.row,
             positions=positions,
             _argmax=argmax,
-            _eos=sp.eos_token_id,
-            _tokenizer=tokenizer,
+            _eos=self.params.eos_token_id,
+            _tokenizer=self.tokenizer,
         )
 
-    for event in generate_step(model, cache, seeds, max_tokens, sp, first_canvas):
-        if isinstance(event, DenoisingStep):
-            total_steps += 1
-            for r in range(B):
-                forward_passes[r] += event.denoised[r]
-            for r in range(B):
-                if not finished[r]:
-                    yield response(r, event, argmax=event.argmax, positions=event.positions)
-            continue
-        for r in range(B):
-            if not event.active[r]:
-                continue
-            ids, finish = event.tokens[r], event.finish_reasons[r]
-            valid[r] += event.valid_tokens[r]
-            committed[r] += len(ids)
-            text = ""
-            if detokenizers:
-                for t in ids:
-                    detokenizers[r].add_token(t)
-                if finish:
-                    detokenizers[r].finalize()
-                text = detokenizers[r].last_segment
-            finished[r] = finish is not None
-            yield response(r, event, text, ids, finish, event.stop_tokens[r])
+
+def check_max_tokens(max_tokens):
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError(f"max_tokens must be a positive integer (got {max_tokens})")
+
+
+def check_context(model: Model, context: int, max_tokens: int):
+    """A ValueError unless ``context`` prompt tokens and every canvas
+    ``max_tokens`` may need (each takes its C positions) fit the model."""
+    C = model.canvas_length
+    needed = context + math.ceil(max_tokens / C) * C
+    if needed > model.args.max_position_embeddings:
+        raise ValueError(
+            f"prompt is too long for max_tokens={max_tokens}: {context} prompt tokens plus "
+            f"{math.ceil(max_tokens / C)} canvas(es) of {C} need {needed} positions, more than the "
+            f"model's context of {model.args.max_position_embeddings}"
+        )
 
 
 def generate(

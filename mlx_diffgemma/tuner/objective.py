@@ -136,6 +136,7 @@ class _LayerContext:
 
     def __init__(self, keys: mx.array, values: mx.array, offset: mx.array):
         self.keys, self.values, self.offset = keys, values, offset
+        self.positions = offset  # each row's block starts at its own position
 
     def extend(self, keys: mx.array, values: mx.array):
         return mx.concatenate([self.keys, keys], axis=2), mx.concatenate([self.values, values], axis=2)
