@@ -111,6 +111,9 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(self.head_dim, eps=args.rms_norm_eps)
         self.k_norm = nn.RMSNorm(self.head_dim, eps=args.rms_norm_eps)
         self.v_norm = RMSNormNoScale(args.rms_norm_eps)
+        # Tensor parallelism (distributed.shard): this process holds some of
+        # the heads, and the partial outputs are summed over ``group``.
+        self.group: Optional[mx.distributed.Group] = None
 
         rope = args.rope_parameters[args.layer_types[layer_idx]]
         self.rope = initialize_rope(
@@ -152,7 +155,8 @@ class Attention(nn.Module):
                 mask = mx.take_along_axis(mask, rows[:, None, :, None], axis=2)
             L = rows.shape[1]
         out = attention(queries, keys, values, mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        out = self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        return out if self.group is None else mx.distributed.all_sum(out, group=self.group)
 
 
 class Router(nn.Module):
@@ -211,6 +215,9 @@ class Layer(nn.Module):
         # The checkpoint stores the encoder's and the decoder's scalar apart.
         self.layer_scalar = mx.ones((1,))
         self.encoder_layer_scalar = mx.ones((1,))
+        # Tensor parallelism: this process holds part of the MLP's and each
+        # expert's width (distributed.shard); partial sums meet over ``group``.
+        self.group: Optional[mx.distributed.Group] = None
 
     def __call__(
         self, x: mx.array, cache: LayerCache, mask: Optional[mx.array], encoding: bool, rows: Optional[mx.array] = None
@@ -224,10 +231,15 @@ class Layer(nn.Module):
     def feed_forward(self, h: mx.array) -> mx.array:
         """The dense MLP and the experts side by side (no cache: training may
         recompute it in the backward pass to save memory)."""
-        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(h)))
+        dense = self.mlp(self.pre_feedforward_layernorm(h))
         # The router reads the raw residual, not a normed one.
         top_k, weights = self.router(h)
         sparse = self.experts(self.pre_feedforward_layernorm_2(h), top_k, weights)
+        if self.group is not None:
+            # Both partial sums in one exchange, before the norms they feed.
+            both = mx.distributed.all_sum(mx.concatenate([dense, sparse], axis=-1), group=self.group)
+            dense, sparse = mx.split(both, 2, axis=-1)
+        dense = self.post_feedforward_layernorm_1(dense)
         sparse = self.post_feedforward_layernorm_2(sparse)
         return self.post_feedforward_layernorm(dense + sparse)
 
@@ -307,6 +319,12 @@ class Model(nn.Module):
         self.path: Optional[str] = None  # where it was read from: errors about its weights name it
         self.adapter_path: Optional[str] = None  # the LoRA adapters loaded on it, if any
         self.image_processor = None  # its images.ImageProcessor, with a vision tower
+        # Pipeline parallelism (distributed.pipeline): ``layers`` are then this
+        # process's stage of the stack, which reads its input from the stage
+        # before and hands its output to the next.
+        self.stage = None
+        # Tensor parallelism (distributed.shard): the group the layers' heads and widths are split over.
+        self.tensor_group = None
 
     @property
     def canvas_length(self) -> int:
@@ -314,8 +332,9 @@ class Model(nn.Module):
 
     @cached_property  # read by every forward pass; kept out of the module's parameter tree
     def sliding_layers(self) -> Tuple[bool, ...]:
-        """Per layer: whether it attends to a sliding window (else to the whole context)."""
-        return tuple(t == "sliding_attention" for t in self.args.layer_types)
+        """Per layer (of this process's stage, if pipelined): whether it attends
+        to a sliding window (else to the whole context)."""
+        return tuple(layer.self_attn.is_sliding for layer in self.layers)
 
     def make_cache(self) -> PromptCache:
         keep = self.args.sliding_window - 1
@@ -354,9 +373,31 @@ class Model(nn.Module):
 
     def _run_layers(self, h: mx.array, cache: PromptCache, encoding: bool, blocks=None) -> mx.array:
         masks = self._masks(cache, h.shape[1], causal=encoding, blocks=blocks)
+        h = self._stage_input(h)
         for layer, c, sliding in zip(self.layers, cache, self.sliding_layers):
             h = layer(h, c, masks[sliding], encoding)
-        return self.norm(h)
+        return self.norm(self._stage_output(h, cache if encoding else None))
+
+    def _stage_input(self, h: mx.array) -> mx.array:
+        """A pipeline stage after the first reads its input from the one before."""
+        stage = self.stage
+        if stage is None or stage.rank == 0:
+            return h
+        return mx.distributed.recv_like(h, stage.rank - 1, group=stage.group)
+
+    def _stage_output(self, h: mx.array, cache: Optional[PromptCache] = None) -> mx.array:
+        """The last stage's output, on every stage: each process then samples
+        the same tokens from the same logits. A stage before the last hands
+        ``h`` on; ``cache`` (when encoding) is made to depend on that send, so
+        evaluating the cache alone, as generation does, still sends it."""
+        stage = self.stage
+        if stage is None:
+            return h
+        if stage.rank < stage.size - 1:
+            h = mx.distributed.send(h, stage.rank + 1, group=stage.group)
+            for c in cache or ():
+                c.keys, c.values = mx.depends([c.keys, c.values], [h])
+        return mx.distributed.all_gather(h, group=stage.group)[-h.shape[0] :]
 
     def encode(
         self,
@@ -493,12 +534,13 @@ class Model(nn.Module):
         soft = soft_embedding if probs is None else self.soft_embedding(probs)
         h = self.self_conditioning(h, soft)
         masks = self._masks(cache, canvas.shape[1], causal=False)
+        h = self._stage_input(h)
         inputs = []
         for i, (layer, c, sliding) in enumerate(zip(self.layers, cache, self.sliding_layers)):
             x = h if rows is None else scatter_rows(states.inputs[i], rows, h)
             inputs.append(x)
             h = layer(x, c, masks[sliding], False, rows)
-        logits = self.logits(self.norm(h))
+        logits = self.logits(self.norm(self._stage_output(h)))
         if rows is not None:
             logits = scatter_rows(states.logits, rows, logits)
         return logits, DecoderStates(inputs, logits)

@@ -2,13 +2,12 @@
 and the prompt encoded into the cache."""
 
 import numbers
-import secrets
 from typing import List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 import numpy as np
 
-from . import sampler
+from . import distributed, sampler
 from .cache import PromptCache
 from .model import Model
 
@@ -161,7 +160,7 @@ def row_seeds(seed, batch: int) -> List[int]:
     """Row r draws from its own seed (seed + r, wrapping at 2**64), so a row
     gives in a batch what it gives alone. ``seed`` may list one seed per row."""
     if seed is None:
-        seed = secrets.randbits(62)
+        seed = distributed.random_seed()
     if isinstance(seed, (list, tuple)):
         seeds = [check_seed(s, f"seed[{i}]") for i, s in enumerate(seed)]
         if len(seeds) != batch:

@@ -11,7 +11,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.utils import infer_quant_config
 
-from . import cpu_experts
+from . import cpu_experts, distributed
 from .config import ConfigError, ModelArgs, eos_token_ids
 from .images import ImageError, ImageProcessor
 from .model import Model
@@ -284,7 +284,19 @@ def check_weights(
         raise LoadError(f"missing tensor {missing[0]}{more} in checkpoint")
 
 
-def load_model(model_path: Path, lazy: bool = False) -> Model:
+def load_model(
+    model_path: Path,
+    lazy: bool = False,
+    pipeline_group: Optional[mx.distributed.Group] = None,
+    tensor_group: Optional[mx.distributed.Group] = None,
+) -> Model:
+    """The checkpoint at ``model_path`` as a ``Model``.
+
+    With ``pipeline_group`` this process keeps (and reads) only its stage of
+    the layers; with ``tensor_group``, its share of every layer's heads and
+    widths (``distributed``). The weights are read a layer at a time, so a
+    process never holds more than its share and one layer's tensors whole.
+    """
     config = load_config(model_path)
     try:
         args = ModelArgs.from_dict(config, source=str(model_path / "config.json"))
@@ -296,13 +308,24 @@ def load_model(model_path: Path, lazy: bool = False) -> Model:
         logger.info("%s: no vision-tower weights; the model reads text only.", model_path)
         args.vision = None
     model = Model(args)
+    if pipeline_group is not None and pipeline_group.size() > 1:
+        stage = distributed.pipeline(model, pipeline_group)
+        names = {name: distributed.stage_name(name, stage) for name in weights}
+        # Other stages' layers are left out: never read.
+        weights = {new: weights[old] for old, new in names.items() if new is not None}
+        origin = {new: origin.get(old, old) for old, new in names.items() if new is not None}
     if "quantization" in config:
         quantize_as_stored(model, config["quantization"], weights, model_path / "config.json")
     check_weights(model, weights, origin, files)
     model.load_weights(list(weights.items()), strict=True)
+    del weights, tensors  # what no module holds (other stages' layers) is never read
+    if tensor_group is not None:
+        distributed.shard(model, tensor_group)
     cpu_experts.upcast_experts(model)
     if not lazy:
         try:
+            for layer in model.layers:  # a layer's whole tensors at a time, then only its slices
+                mx.eval(layer.parameters())
             mx.eval(model.parameters())
         except Exception as e:
             raise LoadError(f"{model_path}: cannot read weights ({str(e).splitlines()[0]})") from e
@@ -332,6 +355,8 @@ def load(
     revision: Optional[str] = None,
     lazy: bool = False,
     adapter_path: Optional[str] = None,
+    pipeline_group: Optional[mx.distributed.Group] = None,
+    tensor_group: Optional[mx.distributed.Group] = None,
 ):
     """Load a DiffusionGemma checkpoint: ``model, tokenizer = load(path_or_repo)``.
 
@@ -340,8 +365,10 @@ def load(
     checkpoint carries no tokenizer files.
     """
     model_path = get_model_path(path_or_repo, revision)
-    model = load_model(model_path, lazy=lazy)
+    model = load_model(model_path, lazy=lazy, pipeline_group=pipeline_group, tensor_group=tensor_group)
     if adapter_path is not None:
+        if model.stage is not None or model.tensor_group is not None:
+            raise LoadError(f"{adapter_path}: adapters cannot be applied to a split model; fuse them first")
         load_adapters(model, adapter_path)
     try:
         tokenizer = load_tokenizer(model_path, eos_token_ids=eos_token_ids(model.generation_config, model.args))

@@ -16,6 +16,7 @@ from typing import Callable, Dict, Optional, Union
 
 import mlx.core as mx
 
+from .. import distributed
 from ..chat_template import TEMPLATE_ARGUMENTS
 from ..live import LiveView, PlainView
 from ..prompts import check_seed
@@ -317,13 +318,42 @@ def convert_advice(model: str) -> str:
     return f"`{command}`, then run with --model {converted}"
 
 
-def load_for_generation(model: str, adapter_path: Optional[str] = None):
-    """``mlx_diffgemma.load`` for a command line: checks memory first, needs a tokenizer."""
-    check_memory(model)
-    model_obj, tokenizer = load(model, adapter_path=adapter_path)
+def add_distributed_argument(parser: argparse.ArgumentParser):
+    parser.add_argument(
+        "--pipeline",
+        action="store_true",
+        help="Under mlx.launch: split the layers across the processes (pipeline) rather than every "
+        "layer's heads and experts (tensor parallelism, the default). docs/distributed.md",
+    )
+
+
+def load_for_generation(model: str, adapter_path: Optional[str] = None, pipeline: bool = False):
+    """``mlx_diffgemma.load`` for a command line: checks memory first, needs a tokenizer.
+
+    Launched by ``mlx.launch``, each process loads its share of the model
+    (``pipeline``: its stage of the layers, else its share of every layer),
+    and only process 0 writes to stdout."""
+    group = distributed.init()
+    if group.size() == 1:
+        check_memory(model)
+        model_obj, tokenizer = load(model, adapter_path=adapter_path)
+    else:
+        if group.rank() != 0:
+            quiet_stdout()
+        path = Path(model).expanduser()
+        share = local_weights_bytes(path) // group.size() if path.is_dir() else None
+        check_memory(model, weights=share)
+        split = dict(pipeline_group=group) if pipeline else dict(tensor_group=group)
+        model_obj, tokenizer = load(model, adapter_path=adapter_path, **split)
     if tokenizer is None:
         raise LoadError(f"{model}: no tokenizer files (tokenizer.json or tokenizer.model)")
     return model_obj, tokenizer
+
+
+def quiet_stdout():
+    """Send this process's stdout to /dev/null (every process but 0 of a group)."""
+    sys.stdout.flush()
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 # -- Running a command ---------------------------------------------------------

@@ -2,7 +2,7 @@
 
 import argparse
 
-from .. import cli
+from .. import cli, distributed
 from ..chat_template import plain_ids, render
 from ..generate import stream_generate
 from ..image_prompts import prepare_images
@@ -70,6 +70,7 @@ def setup_arg_parser():
     )
     cli.add_sampler_arguments(parser)
     cli.add_output_arguments(parser)
+    cli.add_distributed_argument(parser)
     return parser
 
 
@@ -81,7 +82,10 @@ def main():
 def command_text(text: str) -> str:
     """A text flag's value: \\n and \\t as mlx_lm.generate reads them, '-' from stdin."""
     text = text.replace("\\n", "\n").replace("\\t", "\t")
-    return cli.valid_text(cli.stdin().read() if text == "-" else text)
+    if text == "-":
+        # Process 0 reads; under mlx.launch the others take its text.
+        text = distributed.broadcast_text(cli.stdin().read() if distributed.is_primary() else None)
+    return cli.valid_text(text)
 
 
 def run_generate(args):
@@ -93,7 +97,7 @@ def run_generate(args):
         raise ValueError("--image cannot be used with --suffix (infill reads text only)")
     prompt = command_text(args.prompt)
     suffix = None if args.suffix is None else command_text(args.suffix)
-    model, tokenizer = cli.load_for_generation(args.model, args.adapter_path)
+    model, tokenizer = cli.load_for_generation(args.model, args.adapter_path, args.pipeline)
     # Read before the prompt is rendered: a bad image is reported before any work.
     images = prepare_images(model, args.image) if args.image else None
     chat = not args.ignore_chat_template and tokenizer.has_chat_template
