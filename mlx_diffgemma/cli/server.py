@@ -104,6 +104,14 @@ def setup_arg_parser():
         help="Requests generating at once, taking turns a canvas each (default: 8).",
     )
     parser.add_argument(
+        "--max-batch-size",
+        type=cli.positive_int,
+        default=8,
+        metavar="N",
+        help="Requests with the same sampler settings that share one batch, joining at a canvas boundary "
+        "(default: 8; 1: each runs alone, taking turns a canvas each).",
+    )
+    parser.add_argument(
         "--queue-size",
         type=int,
         default=32,
@@ -181,7 +189,7 @@ def run_server(args) -> int:
     images = ImagePolicy(args.allow_image_urls, args.allow_image_files, args.max_images, args.max_image_bytes)
     worker = Worker(
         lambda: cli.load_for_generation(args.model, args.adapter_path),
-        Settings(args.model, args.max_concurrency, args.queue_size, sampler, images),
+        Settings(args.model, args.max_concurrency, args.queue_size, sampler, images, args.max_batch_size),
         Conversations(args.prompt_cache_size, args.prompt_cache_bytes),
     )
     worker.start()

@@ -180,7 +180,7 @@ def denoise_canvas(
     graph is built and queued before the host reads this step's stop flags;
     a queued step the read makes moot (the canvas stopped, or a row stopped
     and must now be held) is dropped and its keys reused, so results never
-    depend on it.
+    depend on it; so is one pending when the caller closes the generator.
     """
     N = params.max_denoising_steps
     resting = [False] * canvas.shape[0] if resting is None else list(resting)
@@ -218,18 +218,25 @@ def denoise_canvas(
             )
         resting = [a or b for a, b in zip(resting, new_stopped)]
         confident = any(h < params.confidence_threshold for h, r in zip(mean_entropy, resting) if not r)
-        yield DenoisingStep(
-            canvas_index,
-            step,
-            state.argmax,
-            update.entropy,
-            update.accepted,
-            mean_entropy,
-            new_stopped,
-            denoised,
-            update.fixed_logprob,
-            state.positions,
-        )
+        try:
+            yield DenoisingStep(
+                canvas_index,
+                step,
+                state.argmax,
+                update.entropy,
+                update.accepted,
+                mean_entropy,
+                new_stopped,
+                denoised,
+                update.fixed_logprob,
+                state.positions,
+            )
+        except GeneratorExit:
+            # Closed here (the caller ended the canvas): the step queued ahead
+            # is dropped and its keys handed back, as when the read makes it moot.
+            if ahead is not None:
+                rng.keys = saved_keys
+            raise
         done = all(resting) or step == N
         if ahead is not None and (done or new_stopped != stopped):
             # Moot: dropped, and its keys go to whatever runs next.

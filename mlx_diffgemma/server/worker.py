@@ -13,13 +13,21 @@ queue:
   ``("response", body)``;
 - ``("end", None)`` last.
 
-Fairness: the active jobs (at most ``max_concurrency``) take turns a canvas
-each, so a long answer cannot hold up a short one by more than a canvas. A
-job whose client went away (``cancel``) is dropped before its next step.
-Beyond ``max_concurrency`` running and ``queue_size`` waiting, ``submit``
-refuses with 503 and ``Retry-After``.
+Batching: chat and completion requests with ``n`` = 1 and no images
+become rows of a ``batch.Batch``, one batch per distinct sampler setting (a
+batch's rows share each denoising step), at most ``max_batch_size`` rows
+each; a request joins a running batch at its next canvas and leaves it when
+its answer is done, a conversation's cache taken back out as one row for the
+prompt cache. Other requests (``n`` > 1, images, infill and edit) and every
+request with ``max_batch_size`` 1 run alone, each its own ``stream_generate``.
 
-Interleaving, not batching rows: measured in docs/server.md.
+Fairness: the turns (batches and requests running alone; at most
+``max_concurrency`` requests in all) take turns a canvas each, so a long
+answer cannot hold up a short one by more than a canvas, and a request that
+arrives joins its batch's next canvas. A request whose client went away
+(``cancel``) is dropped before its next step, or, in a batch where others
+still run, at the canvas' end. Beyond ``max_concurrency`` running and
+``queue_size`` waiting, ``submit`` refuses with 503 and ``Retry-After``.
 """
 
 import itertools
@@ -32,6 +40,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, Optional
 
+from ..batch import Batch, BatchRow
 from ..chat import ChatCache, commit_answer
 from ..chat_template import render
 from ..generate import stream_generate
@@ -81,6 +90,7 @@ class Settings:
     queue_size: int = 32
     sampler_defaults: Dict[str, Any] = field(default_factory=dict)
     images: ImagePolicy = field(default_factory=ImagePolicy)
+    max_batch_size: int = 8  # rows of one batch; 1: every request runs alone, taking turns
 
 
 class Worker:
@@ -92,7 +102,7 @@ class Worker:
         self.model = self.tokenizer = None
         self.sampler: Optional[SamplerParams] = None  # the server's settings, resolved against the checkpoint
         self.pending: "queue.Queue[Job]" = queue.Queue(maxsize=settings.queue_size)
-        self.active: "deque[tuple]" = deque()
+        self.turns: "deque[Any]" = deque()  # JobTurn and BatchTurn, in the order they run
         self.thread = threading.Thread(target=self._main, name="mlx-worker", daemon=True)
         self._ready = threading.Event()
         self._load_error: Optional[BaseException] = None
@@ -159,36 +169,70 @@ class Worker:
 
     # -- Scheduling -------------------------------------------------------------
 
+    def _running(self) -> int:
+        return sum(turn.size for turn in self.turns)
+
     def _admit(self):
-        while len(self.active) < self.settings.max_concurrency:
+        while self._running() < self.settings.max_concurrency:
             try:
-                job = self.pending.get(block=not self.active)
+                job = self.pending.get(block=not self.turns)
             except queue.Empty:
                 return
             if job.cancelled.is_set():
                 job.send("end")
                 continue
-            self.active.append((job, self._run(job)))
+            if self._batches(job.request):
+                self._join(job)
+            else:
+                self.turns.append(JobTurn(job, self._run(job)))
+
+    def _batches(self, request: Request) -> bool:
+        """Whether ``request`` runs as a row of a batch."""
+        return self.settings.max_batch_size > 1 and not request.fills and request.n == 1 and not request.images
+
+    def _join(self, job: Job):
+        """Put the job's row in the batch of its settings that has room (it
+        joins at that batch's next canvas), or in a new batch, last in turn."""
+        request = job.request
+        try:
+            params = self._params(request)
+            prompt, _, chat_cache, length, cached = self._prompt(request)
+            turn = next(
+                (t for t in self.turns if isinstance(t, BatchTurn) and t.batch.params == params and not t.batch.full),
+                None,
+            )
+            batch = turn.batch if turn else Batch(self.model, self.tokenizer, params, self.settings.max_batch_size)
+            answer = Answer(self, job, chat_cache, length, cached)
+            cache = None if chat_cache is None else chat_cache.cache
+            batch.add(prompt, request.max_tokens, request.seed, cache, chat_cache is not None, answer)
+        except INPUT_ERRORS as e:
+            job.send("error", input_error(e))
+            job.send("end")
+            return
+        except Exception as e:  # never let one request stop the worker
+            log.exception("request failed")
+            job.send("error", APIError(500, f"internal error: {type(e).__name__}", type="server_error"))
+            job.send("end")
+            return
+        if turn is None:
+            self.turns.append(BatchTurn(batch, self._run_batch(batch)))
 
     def _loop(self):
         while True:
             self._admit()
-            job, steps = self.active.popleft()
+            turn = self.turns.popleft()
             try:
                 while True:
-                    if job.cancelled.is_set():
-                        steps.close()
-                        job.send("end")
+                    if turn.drop_cancelled():
                         break
-                    if next(steps):  # a canvas was committed: the next job's turn
-                        self.active.append((job, steps))
+                    if next(turn.steps):  # a canvas was committed: the next turn's
+                        self.turns.append(turn)
                         break
             except StopIteration:
-                job.send("end")
+                turn.end()
             except Exception as e:  # never let one request stop the worker
                 log.exception("request failed")
-                job.send("error", APIError(500, f"internal error: {type(e).__name__}", type="server_error"))
-                job.send("end")
+                turn.fail(APIError(500, f"internal error: {type(e).__name__}", type="server_error"))
 
     # -- One request ----------------------------------------------------------------
 
@@ -216,7 +260,7 @@ class Worker:
         return len(place_images(self.model, ids, images)) if images else len(ids)
 
     def _run(self, job: Job) -> Iterator[bool]:
-        """The request as a generator the loop steps: True after each committed canvas."""
+        """A request alone, as a generator the loop steps: True after each committed canvas."""
         request = job.request
         if request.fills:
             yield from self._run_fill(job)
@@ -238,66 +282,34 @@ class Worker:
         except INPUT_ERRORS as e:
             job.send("error", input_error(e))
             return
-        job.send("start")
+        answer = Answer(self, job, chat_cache, length, cached)
+        answer.add(first)
         yield False
-
-        answer = [request.answer() for _ in range(request.n)]
-        reply = request.reply(self.settings.model_id)
-        prompt_tokens = length if length is not None else first.prompt_tokens
-        last, finished = first, 0
-        for response in itertools.chain([first], stream):
-            last = response
-            row = answer[response.row]
-            if row.finish_reason is not None:
-                continue
-            if not (response.token_ids or response.finish_reason is not None):  # a step, not a commit
-                if request.include_drafts:
-                    draft = {"text": response.draft, "canvas": response.canvas_index, "step": response.step}
-                    job.send("chunk", request.chunk(reply, response.row, {}, None, draft))
-                yield False
-                continue
-            delta = row.add(response)
-            if row.finish_reason is not None:
-                finished += 1
-            if request.stream and (delta or row.finish_reason is not None):
-                job.send("chunk", request.chunk(reply, response.row, delta, row.finish_reason))
-            if finished == request.n:
+        for response in stream:
+            committed = answer.add(response)
+            if answer.complete:
                 break
-            yield True
+            yield committed
         stream.close()
+        answer.finish()
 
-        usage = Usage(
-            prompt_tokens=prompt_tokens,
-            completion_tokens=sum(r.generation_tokens for r in answer),
-            cached_tokens=cached,
-            denoising_steps=last.denoising_steps,
-            tokens_per_forward=sum(r.tokens_per_forward for r in answer) / len(answer),
-        )
-        if not request.stream:
-            job.send("response", request.response(reply, answer, usage))
-        elif request.include_usage:
-            job.send("chunk", request.usage_chunk(reply, usage))
-
-        natural = not answer[0].stops.stopped and last.finish_reason is not None
-        if chat_cache is not None and natural:
-            # Keep the conversation encoded for the client's next turn.
-            digests = [image.digest for image in request.images]
-            commit_answer(self.model, self.tokenizer, chat_cache, last, len(request.messages) + 1, digests)
-            message = dict(answer[0].message, role="assistant")
-            message.pop("reasoning_content", None)
-            if message.get("tool_calls"):
-                message["tool_calls"] = [
-                    {"id": c["id"], "type": "function", "function": dict(c["function"], arguments=_json(c))}
-                    for c in message["tool_calls"]
-                ]
-            rendered = render(
-                self.tokenizer,
-                request.messages + [message],
-                False,
-                tools=request.tools,
-                **request.template_kwargs,
-            )
-            self.conversations.put(rendered, chat_cache)
+    def _run_batch(self, batch: Batch) -> Iterator[bool]:
+        """A batch's canvases, as a generator the loop steps: True after each
+        canvas; it ends when the batch has no rows left."""
+        while len(batch):
+            for row, response in batch.canvas():
+                answer: Answer = row.tag
+                committed = answer.add(response)
+                if answer.complete:
+                    if not row.done:  # a stop string cut the answer: the row goes
+                        batch.cancel(row)
+                    if row.cache is not None:  # a conversation, taken back out
+                        answer.chat_cache.cache = row.cache
+                    answer.finish()
+                    answer.job.send("end")
+                elif not committed:
+                    yield False
+            yield True
 
     def _params(self, request: Request) -> SamplerParams:
         """The request's sampler settings over the server's, resolved once."""
@@ -341,6 +353,136 @@ class Worker:
         )
         for kind, body in request.fill_answer(reply, last, usage, elapsed_ms, self.model.args.max_position_embeddings):
             job.send(kind, body)
+
+
+class Answer:
+    """A chat or completion request's answer, built from its ``GenerationResponse``s
+    (from its own ``stream_generate`` or its batch row): chunks, drafts, the
+    response and usage, and the conversation kept for its next turn."""
+
+    def __init__(self, worker: Worker, job: Job, chat_cache: Optional[ChatCache], length, cached: int):
+        self.worker, self.job, self.chat_cache = worker, job, chat_cache
+        self.length, self.cached = length, cached
+        request = job.request
+        self.rows = [request.answer() for _ in range(request.n)]
+        self.reply = request.reply(worker.settings.model_id)
+        self.first = self.last = None
+        self.finished = 0
+
+    @property
+    def complete(self) -> bool:
+        return self.finished == len(self.rows)
+
+    def add(self, response) -> bool:
+        """Take a response; True when it committed a canvas. The first sends "start"."""
+        job, request = self.job, self.job.request
+        if self.first is None:
+            self.first = response
+            job.send("start")
+        self.last = response
+        row = self.rows[response.row]
+        if row.finish_reason is not None:
+            return False
+        if not (response.token_ids or response.finish_reason is not None):  # a step, not a commit
+            if request.include_drafts:
+                draft = {"text": response.draft, "canvas": response.canvas_index, "step": response.step}
+                job.send("chunk", request.chunk(self.reply, response.row, {}, None, draft))
+            return False
+        delta = row.add(response)
+        if row.finish_reason is not None:
+            self.finished += 1
+        if request.stream and (delta or row.finish_reason is not None):
+            job.send("chunk", request.chunk(self.reply, response.row, delta, row.finish_reason))
+        return True
+
+    def finish(self):
+        """The response (or the usage chunk), and the conversation kept."""
+        job, request, worker, last = self.job, self.job.request, self.worker, self.last
+        usage = Usage(
+            prompt_tokens=self.length if self.length is not None else self.first.prompt_tokens,
+            completion_tokens=sum(r.generation_tokens for r in self.rows),
+            cached_tokens=self.cached,
+            denoising_steps=last.denoising_steps,
+            tokens_per_forward=sum(r.tokens_per_forward for r in self.rows) / len(self.rows),
+        )
+        if not request.stream:
+            job.send("response", request.response(self.reply, self.rows, usage))
+        elif request.include_usage:
+            job.send("chunk", request.usage_chunk(self.reply, usage))
+
+        natural = not self.rows[0].stops.stopped and last.finish_reason is not None
+        if self.chat_cache is not None and natural:
+            # Keep the conversation encoded for the client's next turn.
+            model, tokenizer, chat_cache = worker.model, worker.tokenizer, self.chat_cache
+            digests = [image.digest for image in request.images]
+            commit_answer(model, tokenizer, chat_cache, last, len(request.messages) + 1, digests)
+            message = dict(self.rows[0].message, role="assistant")
+            message.pop("reasoning_content", None)
+            if message.get("tool_calls"):
+                message["tool_calls"] = [
+                    {"id": c["id"], "type": "function", "function": dict(c["function"], arguments=_json(c))}
+                    for c in message["tool_calls"]
+                ]
+            rendered = render(
+                tokenizer, request.messages + [message], False, tools=request.tools, **request.template_kwargs
+            )
+            worker.conversations.put(rendered, chat_cache)
+
+
+class JobTurn:
+    """A request that runs alone, a turn being its next canvas."""
+
+    size = 1
+
+    def __init__(self, job: Job, steps: Iterator[bool]):
+        self.job, self.steps = job, steps
+
+    def drop_cancelled(self) -> bool:
+        """True when the job's client went away: it is dropped."""
+        if not self.job.cancelled.is_set():
+            return False
+        self.steps.close()
+        self.job.send("end")
+        return True
+
+    def end(self):
+        self.job.send("end")
+
+    def fail(self, error: APIError):
+        self.job.send("error", error)
+        self.job.send("end")
+
+
+class BatchTurn:
+    """A batch, a turn being one canvas of all its rows."""
+
+    def __init__(self, batch: Batch, steps: Iterator[bool]):
+        self.batch, self.steps = batch, steps
+
+    @property
+    def size(self) -> int:
+        return len(self.batch)
+
+    def _rows(self) -> "list[BatchRow]":
+        return [row for row in self.batch.rows + self.batch.joining if not row.done]
+
+    def drop_cancelled(self) -> bool:
+        """Rows whose client went away leave the batch (at the canvas' end,
+        or at once when no other row runs); False: the batch goes on."""
+        for row in self._rows():
+            if row.tag.job.cancelled.is_set():
+                self.batch.cancel(row)
+                row.tag.job.send("end")
+        return False
+
+    def end(self):
+        """The batch ran out of rows; each job was ended with its answer."""
+
+    def fail(self, error: APIError):
+        for row in self._rows():
+            row.tag.job.send("error", error)
+            row.tag.job.send("end")
+        self.batch.rows, self.batch.joining = [], []
 
 
 def _json(call: Dict[str, Any]) -> Any:
