@@ -1,15 +1,17 @@
-"""Many clients, one model: the server's interleaving against batching the same requests as rows.
+"""Many clients, one model: the batching server against interleaving (``--max-batch-size 1``).
 
     python benchmarks/server_load.py [--model examples/shift/model] [--clients 1 4 16]
+        [--batch-sizes 1 8 16] [--stagger 0.1]
 
-For each number of clients N, starts N streaming chat requests at once against
-``python -m mlx_diffgemma.server`` (a subprocess) and reports the time to each
-client's first committed canvas (median and worst) and the total tokens per
-second; then, in this process, runs the same N prompts as rows of one
-``stream_generate`` batch (what a batching server would do) and reports the
-same numbers. The default model is the trained shift model, whose canvases
-really converge (random weights never stop early). The prompts are the shift
-task's held-out problems, each answer about four canvases of 32.
+For each ``--max-batch-size`` it starts ``python -m mlx_diffgemma.server`` (a
+subprocess), and for each number of clients N sends N streaming chat
+requests, first all at the same moment, then staggered (client i starts
+i x ``--stagger`` seconds after the first, so most arrive while others run);
+it reports the time from each client's request to its first committed canvas
+(median and worst) and the total tokens per second. The default model is the
+trained shift model, whose canvases really converge (random weights never
+stop early). The prompts are the shift task's held-out problems, each answer
+2 to 5 canvases of 32.
 """
 
 import argparse
@@ -24,10 +26,6 @@ from pathlib import Path
 
 import numpy as np
 from openai import OpenAI
-
-from mlx_diffgemma import load
-from mlx_diffgemma.chat_template import render
-from mlx_diffgemma.generate import stream_generate
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "shift"
 sys.path.insert(0, str(EXAMPLES))
@@ -69,13 +67,14 @@ def serve(model: str, concurrency: int, *extra: str):
     return proc, f"http://127.0.0.1:{match.group(1)}/v1"
 
 
-def through_server(url: str, model: str, prompts, max_tokens: int):
+def through_server(url: str, model: str, prompts, max_tokens: int, stagger: float = 0.0):
     firsts, tokens, errors = [None] * len(prompts), [0] * len(prompts), []
     start = threading.Barrier(len(prompts) + 1)
 
     def client(i):
         try:
             start.wait()
+            time.sleep(i * stagger)
             tic = time.perf_counter()
             stream = OpenAI(base_url=url, api_key="none", timeout=3600).chat.completions.create(
                 model=model,
@@ -106,20 +105,9 @@ def through_server(url: str, model: str, prompts, max_tokens: int):
     return firsts, sum(tokens), wall
 
 
-def as_batch(model, tokenizer, prompts, max_tokens: int):
-    rows = [render(tokenizer, [{"role": "user", "content": p}], True) for p in prompts]
-    firsts, tokens = [None] * len(rows), 0
-    tic = time.perf_counter()
-    for r in stream_generate(model, tokenizer, rows, max_tokens, seed=list(range(len(rows)))):
-        if r.token_ids and firsts[r.row] is None:
-            firsts[r.row] = time.perf_counter() - tic
-        tokens += len(r.token_ids)
-    return firsts, tokens, time.perf_counter() - tic
-
-
 def line(kind, n, firsts, tokens, wall):
     return (
-        f"{kind:<12} clients {n:>2}: first canvas median {statistics.median(firsts):6.2f} s, "
+        f"{kind:<22} clients {n:>2}: first canvas median {statistics.median(firsts):6.2f} s, "
         f"worst {max(firsts):6.2f} s; {tokens} tokens in {wall:6.2f} s = {tokens / wall:7.1f} tokens/s"
     )
 
@@ -128,26 +116,29 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(EXAMPLES / "model"))
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument(
+        "--batch-sizes", type=int, nargs="+", default=[1, 8, 16], help="--max-batch-size of each server"
+    )
+    parser.add_argument("--stagger", type=float, default=0.1, help="seconds between staggered clients' arrivals")
     parser.add_argument("--max-tokens", type=int, default=160)
     parser.add_argument("--json", action="store_true", help="also print the numbers as JSON lines")
     args = parser.parse_args()
     results = []
-    proc, url = serve(args.model, max(args.clients))
-    try:
-        through_server(url, args.model, problems(1), args.max_tokens)  # warm up
-        for n in args.clients:
-            firsts, tokens, wall = through_server(url, args.model, problems(n), args.max_tokens)
-            print(line("interleaved", n, firsts, tokens, wall), flush=True)
-            results.append(dict(kind="interleaved", clients=n, firsts=firsts, tokens=tokens, wall=wall))
-    finally:
-        proc.terminate()
-        proc.wait()
-    model, tokenizer = load(args.model)
-    as_batch(model, tokenizer, problems(1), args.max_tokens)  # warm up
-    for n in args.clients:
-        firsts, tokens, wall = as_batch(model, tokenizer, problems(n), args.max_tokens)
-        print(line("batched rows", n, firsts, tokens, wall), flush=True)
-        results.append(dict(kind="batched", clients=n, firsts=firsts, tokens=tokens, wall=wall))
+    for size in args.batch_sizes:
+        proc, url = serve(args.model, max(args.clients), "--max-batch-size", str(size))
+        try:
+            through_server(url, args.model, problems(1), args.max_tokens)  # warm up
+            for arrival, stagger in (("together", 0.0), ("staggered", args.stagger)):
+                for n in args.clients:
+                    firsts, tokens, wall = through_server(url, args.model, problems(n), args.max_tokens, stagger)
+                    kind = f"batch {size}, {arrival}"
+                    print(line(kind, n, firsts, tokens, wall), flush=True)
+                    results.append(
+                        dict(batch_size=size, arrival=arrival, clients=n, firsts=firsts, tokens=tokens, wall=wall)
+                    )
+        finally:
+            proc.terminate()
+            proc.wait()
     if args.json:
         for r in results:
             print(json.dumps(r))

@@ -4,7 +4,7 @@
 - ``output``: generated text into ``content``, ``reasoning_content`` and ``tool_calls``;
 - ``conversations``: recent conversations kept encoded;
 - ``images``: which image sources a request may name, read before it is queued;
-- ``worker``: the one thread that runs the model, requests taking turns a canvas each;
+- ``worker``: the one thread that runs the model, batches of requests taking turns a canvas each;
 - ``http``: routes, limits, authentication and streaming.
 
 ``python -m mlx_diffgemma.server`` is the command line (``cli.server``).
