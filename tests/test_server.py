@@ -1272,6 +1272,7 @@ def _run_server(*args, timeout=60):
         (["--request-timeout", "0"], "--request-timeout"),
         (["--request-timeout", "nan"], "--request-timeout"),
         (["--max-connections", "0"], "--max-connections"),
+        (["--max-batch-size", "0"], "--max-batch-size"),
     ],
 )
 def test_bad_flags_end_in_one_line(args, message):
