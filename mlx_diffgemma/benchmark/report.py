@@ -50,7 +50,8 @@ def format_report(result: dict) -> str:
         f"Machine: {m['cpu']}, {m['cores']} cores, {ram}; MLX {m['mlx']} on {m['device']}; BLAS: {m['blas']}",
         f"Model: {mod['source']}, {mod['dtype']}"
         + (f", {mod['quantization']}" if mod["quantization"] else "")
-        + f", {_fmt_bytes(mod['weights_gb'])} of weights",
+        + f", {_fmt_bytes(mod['weights_gb'])} of weights"
+        + (f" per process ({mod['processes']} processes, {mod['split']} split)" if mod.get("split") else ""),
         *_load_warning(m),
         f"Run: batch {s['batch_size']} x {s['prompt_tokens']} prompt tokens, {s['max_tokens']} new tokens, {s['mode']}",
         "",

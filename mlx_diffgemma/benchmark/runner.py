@@ -15,7 +15,7 @@ from typing import List, Optional
 
 import mlx.core as mx
 
-from .. import blas
+from .. import blas, distributed
 from ..generate import stream_generate
 from ..model import Model
 from ..recipes import RECIPES
@@ -53,6 +53,7 @@ class Options:
     variants: List[str] = field(default_factory=list)
     metric: str = "exact"
     plot: Optional[str] = None
+    pipeline: bool = False  # under mlx.launch: split the layers, not the heads and experts
 
 
 def sampler_overrides(fixed_steps: Optional[int], vocab: int, top_k: int = 0, fast: bool = False) -> dict:
@@ -189,6 +190,8 @@ def validate(options: Options):
             raise ValueError(f"{name.replace('_', '-')} must be at least 1")
     if options.fixed_steps is not None and options.fixed_steps < 1:
         raise ValueError("--fixed-steps must be at least 1")
+    if options.compare and distributed.init().size() > 1:
+        raise ValueError("--compare runs the other implementations in one process: not under mlx.launch")
     unknown = set(options.compare) - set(COMPARISONS)
     if unknown:
         raise ValueError(f"unknown comparison {sorted(unknown)[0]!r} (choose from {', '.join(COMPARISONS)})")
@@ -256,6 +259,15 @@ def _run(options: Options, checkpoint: Optional[Path]) -> dict:
     if dtype is not None:
         set_dtype(model, dtype)
     quantization = quantize(model, options.bits, options.group_size, options.recipe) if options.bits else None
+    group = distributed.init()
+    if group.size() > 1:  # launched by mlx.launch: each process keeps its share
+        if options.pipeline:
+            distributed.pipeline(model, group)
+        else:
+            distributed.shard(model, group)
+        mx.eval(model.parameters())
+        gc.collect()
+        mx.clear_cache()
 
     args = model.args
     prompts = random_prompts(options.batch_size, options.prompt_tokens, args.vocab_size, options.seed)
@@ -266,7 +278,9 @@ def _run(options: Options, checkpoint: Optional[Path]) -> dict:
             source=source,
             dtype=str(model.dtype).replace("mlx.core.", ""),
             quantization=quantization,
-            weights_gb=weight_bytes(model) / 1e9,
+            weights_gb=weight_bytes(model) / 1e9,  # this process's
+            processes=group.size(),
+            split=None if group.size() == 1 else ("pipeline" if options.pipeline else "tensor"),
             layers=args.num_hidden_layers,
             hidden_size=args.hidden_size,
             vocab_size=args.vocab_size,

@@ -4,12 +4,13 @@ import json
 import os
 from pathlib import Path
 
+from .. import distributed
 from ..benchmark import PRESETS, Options, format_report, run_benchmark, validate
 from ..benchmark.compare import COMPARISONS
 from ..benchmark.work import VARIANTS
 from ..files import write_text
 from ..recipes import RECIPES
-from . import ArgumentParser, prog, run
+from . import ArgumentParser, prog, quiet_stdout, run
 
 
 def setup_arg_parser() -> ArgumentParser:
@@ -99,6 +100,11 @@ def setup_arg_parser() -> ArgumentParser:
         "as a PNG here (needs matplotlib)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts (default 0)")
+    parser.add_argument(
+        "--pipeline",
+        action="store_true",
+        help="under mlx.launch: split the layers across the processes rather than every layer's heads and experts",
+    )
     parser.add_argument("--format", choices=("table", "json"), default="table", help="what to print")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON here")
     return parser
@@ -133,8 +139,10 @@ def main(argv=None):
         parser.error(str(e))
 
     def body():
+        if not distributed.is_primary():
+            quiet_stdout()  # process 0 reports for the group
         result = run_benchmark(options)
-        if json_path is not None:
+        if json_path is not None and distributed.is_primary():
             write_json(json_path, result)
         print(json.dumps(result, indent=2) if args.format == "json" else format_report(result))
 

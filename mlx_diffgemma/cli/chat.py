@@ -5,7 +5,7 @@ import re
 import sys
 from typing import Optional
 
-from .. import cli
+from .. import cli, distributed
 from ..chat import stream_chat
 from ..image_prompts import prepare_images
 from ..live import DIM
@@ -48,6 +48,7 @@ def setup_arg_parser():
     cli.add_chat_template_argument(parser)
     cli.add_sampler_arguments(parser)
     cli.add_output_arguments(parser)
+    cli.add_distributed_argument(parser)
     return parser
 
 
@@ -88,7 +89,7 @@ def run_chat(args):
         except ImportError:
             pass
 
-    model, tokenizer = cli.load_for_generation(args.model, args.adapter_path)
+    model, tokenizer = cli.load_for_generation(args.model, args.adapter_path, args.pipeline)
     params = cli.resolve_sampler(args, model)  # bad settings fail before the first prompt
     view = cli.make_view(args)
     thought_style = DIM  # a plain view on a pipe drops styles itself
@@ -108,7 +109,8 @@ def run_chat(args):
         print(f"Chat with {args.model}. Type /help for commands, /quit to leave.")
     turn = 0
     while True:
-        query = _read_line(stdin, interactive)
+        # Process 0 reads the terminal; under mlx.launch the others take its line.
+        query = distributed.broadcast_text(_read_line(stdin, interactive) if distributed.is_primary() else None)
         if query is None or query.strip() in ("q", "/quit", "/exit"):
             return 0
         command = query.strip()

@@ -83,8 +83,10 @@ def command_text(text: str) -> str:
     """A text flag's value: \\n and \\t as mlx_lm.generate reads them, '-' from stdin."""
     text = text.replace("\\n", "\n").replace("\\t", "\t")
     if text == "-":
-        # Process 0 reads; under mlx.launch the others take its text.
-        text = distributed.broadcast_text(cli.stdin().read() if distributed.is_primary() else None)
+        if distributed.init().size() > 1:
+            # mlx.launch forwards the terminal's input but never closes it: a read to the end never ends.
+            raise ValueError("'-' (read stdin to its end) does not work under mlx.launch: pass the text itself")
+        text = cli.stdin().read()
     return cli.valid_text(text)
 
 

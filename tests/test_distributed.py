@@ -1,0 +1,265 @@
+"""One model over two processes (mx.distributed, ring backend over localhost).
+
+Each launch test starts two processes with mlx.launch, as a user would, and
+compares what they produce with one process's: the same tokens for the same
+seed, and (on random weights, whose sampling is chaotic) the same hidden
+states and logits up to float32 rounding. The split pieces are also checked
+alone, in this process: partial products of sliced layers sum to the whole.
+"""
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+from reference import build_reference
+from tokenizer_fixture import write_test_tokenizer
+
+from mlx_diffgemma import distributed, load
+from mlx_diffgemma.generate import stream_generate
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIFT = ROOT / "examples" / "shift" / "model"
+RUNNER = Path(__file__).with_name("distributed_run.py")
+SPLITS = ("tensor", "pipeline")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(*command, stdin: str = "", timeout: int = 300) -> subprocess.CompletedProcess:
+    """``mlx.launch --backend ring -n 2 <command>``: two local processes."""
+    launcher = [sys.executable, "-c", "import sys; from mlx._distributed_utils.launch import main; sys.exit(main())"]
+    args = launcher + ["--backend", "ring", "-n", "2", "--starting-port", str(free_port()), *map(str, command)]
+    return subprocess.run(args, input=stdin, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def run_job(model: Path, split: str, job: dict, tmp_path: Path):
+    """Both processes' results of ``job`` (see distributed_run.py)."""
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    out = tmp_path / f"out-{split}"
+    done = launch(sys.executable, RUNNER, model, out, split, tmp_path / "job.json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads(Path(f"{out}-{rank}.json").read_text()) for rank in range(2)]
+
+
+@pytest.fixture(scope="module")
+def random_checkpoint(tmp_path_factory):
+    """The tiny reference checkpoint (random weights), with the test tokenizer."""
+    path = tmp_path_factory.mktemp("random")
+    build_reference(path)
+    write_test_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def shift_4bit(tmp_path_factory):
+    """The trained shift model converted to 4 bits (group 32: its widths split at whole groups)."""
+    out = tmp_path_factory.mktemp("shift4") / "model"
+    cmd = [sys.executable, "-m", "mlx_diffgemma.convert", "--hf-path", SHIFT, "--mlx-path", out, "--q-bits", "4"]
+    done = subprocess.run(list(map(str, cmd)) + ["--q-group-size", "32"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def one_process(model_path, job):
+    model, tokenizer = load(str(model_path))
+    out = []
+    for g in job["generate"]:
+        batch = isinstance(g["prompt"][0], list)
+        rows = [[] for _ in range(len(g["prompt"]) if batch else 1)]
+        for r in stream_generate(model, tokenizer, g["prompt"], g["max_tokens"], seed=g["seed"]):
+            rows[r.row] += r.token_ids
+        out.append(rows)
+    return out
+
+
+def shift_job(tokenizer_path):
+    from mlx_diffgemma.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(Path(tokenizer_path))
+    a = tok.encode("shift 3: hello world")
+    b = tok.encode("shift 1: the quick brown fox jumps over")
+    return dict(
+        generate=[
+            dict(prompt=a, seed=1, max_tokens=64),
+            dict(prompt=b, seed=7, max_tokens=96),
+            dict(prompt=[a, b], seed=11, max_tokens=64),  # a left-padded batch
+        ]
+    )
+
+
+# -- Launched: two processes against one --------------------------------------------------
+
+
+@pytest.mark.parametrize("split", SPLITS)
+@pytest.mark.parametrize("bits", [None, 4])
+def test_tokens_equal_one_process(split, bits, shift_4bit, tmp_path):
+    model = SHIFT if bits is None else shift_4bit
+    job = shift_job(SHIFT)
+    want = one_process(model, job)
+    ranks = run_job(model, split, job, tmp_path)
+    assert all(len(row) > 0 for g in want for row in g)
+    for result in ranks:
+        assert result["generate"] == want
+    # Each process holds its share: half the layers when pipelined, all of them (sliced) else.
+    layers = [r["layers"] for r in ranks]
+    assert layers == ([2, 2] if split == "pipeline" else [4, 4])
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_hidden_states_and_logits_match(split, random_checkpoint, tmp_path):
+    ids = [[(7 * i + 3) % 700 for i in range(n)] for n in (21, 40)]  # longer than the sliding window
+    ranks = run_job(random_checkpoint, split, dict(forward=ids), tmp_path)
+    model, _ = load(str(random_checkpoint))
+    for k, row in enumerate(ids):
+        cache = model.make_cache()
+        hidden = model.encode(mx.array([row]), cache)
+        logits = model.denoise(mx.array([row[: model.canvas_length]]), cache)
+        for result in ranks:
+            got = result["forward"][k]
+            np.testing.assert_allclose(np.array(got["hidden"]), np.array(hidden), atol=1e-4, rtol=1e-4)
+            np.testing.assert_allclose(np.array(got["logits"]), np.array(logits), atol=1e-4, rtol=1e-4)
+    if split == "pipeline":  # the pipeline runs the same sums in the same order
+        assert ranks[0]["forward"] == ranks[1]["forward"]
+
+
+def _cli(module, *args, stdin=""):
+    single = subprocess.run(
+        [sys.executable, "-m", module, *map(str, args)], input=stdin, capture_output=True, text=True, cwd=ROOT
+    )
+    assert single.returncode == 0, single.stderr
+    return single.stdout
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_generate_command(split):
+    args = ["--model", SHIFT, "--prompt", "shift 2: abc xyz", "--max-tokens", "64", "--seed", "4", "--no-live"]
+    want = _cli("mlx_diffgemma.generate", *args)
+    extra = ["--pipeline"] if split == "pipeline" else []
+    done = launch(sys.executable, "-m", "mlx_diffgemma.generate", *args, *extra)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout == want  # process 0 alone prints
+
+
+def test_generate_prompt_from_stdin_refused():
+    """mlx.launch never closes its processes' stdin: reading it to the end would hang."""
+    args = ["--model", SHIFT, "--prompt", "-", "--max-tokens", "32", "--no-live"]
+    done = launch(sys.executable, "-m", "mlx_diffgemma.generate", *args, stdin="shift 1: stdin", timeout=120)
+    # (mlx.launch itself exits 0 whatever its processes do; each says why it stopped.)
+    assert "error: '-' (read stdin to its end) does not work under mlx.launch" in done.stderr
+
+
+def test_random_seed_is_shared(tmp_path):
+    """Without a seed each process would draw its own noise; process 0's is used by all."""
+    from mlx_diffgemma.tokenizer import load_tokenizer
+
+    prompt = load_tokenizer(SHIFT).encode("shift 4: seedless")
+    job = dict(generate=[dict(prompt=prompt, seed=None, max_tokens=32)])
+    ranks = run_job(SHIFT, "tensor", job, tmp_path)
+    assert ranks[0]["generate"] == ranks[1]["generate"]
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_benchmark_command(split, tmp_path):
+    extra = ["--pipeline"] if split == "pipeline" else []
+    args = ["--preset", "tiny", "--prompt-tokens", "16", "--max-tokens", "32", "--fixed-steps", "2"]
+    done = launch(sys.executable, "-m", "mlx_diffgemma.benchmark", *args, "--format", "json", *extra)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout)  # one report: process 0's
+    assert result["model"]["processes"] == 2 and result["model"]["split"] == split
+    single = json.loads(_cli("mlx_diffgemma.benchmark", *args, "--format", "json"))
+    assert result["model"]["weights_gb"] < single["model"]["weights_gb"]
+
+
+def test_compare_refused_under_launch():
+    done = launch(sys.executable, "-m", "mlx_diffgemma.benchmark", "--compare", "ar", "--fixed-steps", "2")
+    assert "not under mlx.launch" in done.stderr
+
+
+# -- In this process: the pieces --------------------------------------------------------
+
+
+def test_even_split():
+    assert distributed.even_split(10, 3) == [0, 4, 7, 10]
+    assert distributed.even_split(704, 2, 64) == [0, 384, 704]  # the released experts' width at group 64
+    with pytest.raises(ValueError, match="multiple of 64"):
+        distributed.even_split(100, 2, 64)
+    with pytest.raises(ValueError, match="cannot be split 3 ways"):
+        distributed.even_split(128, 3, 64)
+
+
+class FakeGroup:
+    def __init__(self, rank, size):
+        self._rank, self._size = rank, size
+
+    def rank(self):
+        return self._rank
+
+    def size(self):
+        return self._size
+
+
+def test_stages():
+    assert [distributed.stage_layers(30, FakeGroup(r, 4)) for r in range(4)] == [(0, 8), (8, 16), (16, 23), (23, 30)]
+    assert distributed.stage_layers(30, FakeGroup(1, 2), split=[10, 20]) == (10, 30)
+    with pytest.raises(ValueError, match="2 positive counts summing to 30"):
+        distributed.stage_layers(30, FakeGroup(0, 2), split=[10, 10])
+    stage = distributed.Stage(None, 1, 2, 15, 30)
+    assert distributed.stage_name("layers.17.mlp.up_proj.weight", stage) == "layers.2.mlp.up_proj.weight"
+    assert distributed.stage_name("layers.3.mlp.up_proj.weight", stage) is None
+    assert distributed.stage_name("embed_tokens.weight", stage) == "embed_tokens.weight"
+    assert distributed.stage_name("vision_tower.encoder.layers.3.mlp.weight", stage).startswith("vision_tower")
+
+
+def _layer(kind):
+    """The same layer each call (seeded), and its input."""
+    mx.random.seed(0)
+    if kind in ("linear", "quantized"):
+        layer = nn.Linear(128, 96, bias=False)
+        if kind == "quantized":
+            layer = nn.QuantizedLinear.from_linear(layer, group_size=32, bits=4)
+        return layer, mx.random.normal((3, 128)), ()
+    layer = SwitchLinear(128, 96, 4, bias=False)
+    if kind == "quantized_switch":
+        layer = layer.to_quantized(group_size=32, bits=4)
+        assert isinstance(layer, QuantizedSwitchLinear)
+    return layer, mx.random.normal((3, 1, 1, 128)), (mx.array([[0, 2], [1, 3], [3, 3]]),)
+
+
+@pytest.mark.parametrize("kind", ["linear", "quantized", "switch", "quantized_switch"])
+def test_sliced_layers_sum_to_the_whole(kind):
+    layer, x, extra = _layer(kind)
+    full = layer(x, *extra)
+    # Inputs split at whole groups of 32 (unevenly): the partial products add up to the whole.
+    total = 0
+    for lo, hi in [(0, 96), (96, 128)]:
+        part, _, _ = _layer(kind)
+        distributed.slice_inputs(part, lo, hi)
+        total = total + part(x[..., lo:hi], *extra)
+    np.testing.assert_allclose(np.array(total), np.array(full), atol=1e-4, rtol=1e-4)
+    # Outputs split: the piece is the whole's columns.
+    part, _, _ = _layer(kind)
+    distributed.slice_outputs(part, 32, 64)
+    np.testing.assert_allclose(np.array(part(x, *extra)), np.array(full[..., 32:64]), atol=1e-5)
+
+
+def test_slice_inside_a_group_is_refused():
+    layer, _, _ = _layer("quantized")
+    with pytest.raises(ValueError, match="cut a quantization group of 32"):
+        distributed.slice_inputs(layer, 0, 48)
+
+
+def test_attention_heads_that_cannot_be_split(random_checkpoint):
+    model, _ = load(str(random_checkpoint))
+    with pytest.raises(ValueError, match="4 attention heads cannot be split over 3 processes"):
+        distributed._shard_attention(model.layers[0].self_attn, FakeGroup(0, 3))
