@@ -32,6 +32,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 STRATEGIES = ("tensor", "pipeline")
 
@@ -246,8 +247,6 @@ def broadcast_bytes(data: Optional[bytes], group: Optional[mx.distributed.Group]
     size = mx.distributed.all_sum(size, group=group, stream=mx.cpu).item()
     if size == 0:
         return b""
-    import numpy as np
-
     if primary:
         values = mx.array(np.frombuffer(data, dtype=np.uint8).astype(np.int32))
     else:

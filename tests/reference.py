@@ -105,3 +105,12 @@ def build_reference(
     model = model.to(dtype)
     model.save_pretrained(path)
     return model
+
+
+def build_test_checkpoint(path: Path, seed: int = 0, **text_overrides) -> Path:
+    """``build_reference`` plus the test tokenizer: a checkpoint ``load`` reads whole."""
+    from tokenizer_fixture import write_test_tokenizer
+
+    build_reference(path, seed=seed, **text_overrides)
+    write_test_tokenizer(path)
+    return path

@@ -18,9 +18,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from openai import OpenAI
-from reference import CANVAS, VOCAB, build_reference
+from reference import CANVAS, VOCAB, build_test_checkpoint
 from server_process import launch
-from tokenizer_fixture import write_test_tokenizer
 
 from mlx_diffgemma import load
 from mlx_diffgemma.batch import Batch
@@ -39,10 +38,7 @@ SHIFT = ROOT / "examples" / "shift"
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("batching")
-    build_reference(path, seed=1)
-    write_test_tokenizer(path)
-    return load(str(path))
+    return load(str(build_test_checkpoint(tmp_path_factory.mktemp("batching"), seed=1)))
 
 
 def settling(model) -> SamplerParams:

@@ -3,8 +3,7 @@
 import mlx.core as mx
 import numpy as np
 import pytest
-from reference import build_reference
-from tokenizer_fixture import write_test_tokenizer
+from reference import build_test_checkpoint
 
 from mlx_diffgemma import load
 from mlx_diffgemma.chat import chat, chat_prompt, stream_chat
@@ -14,10 +13,7 @@ KW = dict(max_denoising_steps=3)
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("chat")
-    build_reference(path, seed=2)
-    write_test_tokenizer(path)
-    return load(str(path))
+    return load(str(build_test_checkpoint(tmp_path_factory.mktemp("chat"), seed=2)))
 
 
 def test_first_turn_uses_the_chat_template(checkpoint):

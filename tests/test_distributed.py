@@ -18,8 +18,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
-from reference import build_reference
-from tokenizer_fixture import write_test_tokenizer
+from reference import build_test_checkpoint
 
 from mlx_diffgemma import distributed, load
 from mlx_diffgemma.generate import stream_generate
@@ -55,10 +54,7 @@ def run_job(model: Path, split: str, job: dict, tmp_path: Path):
 @pytest.fixture(scope="module")
 def random_checkpoint(tmp_path_factory):
     """The tiny reference checkpoint (random weights), with the test tokenizer."""
-    path = tmp_path_factory.mktemp("random")
-    build_reference(path)
-    write_test_tokenizer(path)
-    return path
+    return build_test_checkpoint(tmp_path_factory.mktemp("random"))
 
 
 @pytest.fixture(scope="module")
