@@ -155,6 +155,11 @@ def test_generate_prompt_from_stdin_refused():
     assert "error: '-' (read stdin to its end) does not work under mlx.launch" in done.stderr
 
 
+def test_server_refused_under_launch():
+    done = launch(sys.executable, "-m", "mlx_diffgemma.server", "--model", SHIFT, "--port", "0", timeout=120)
+    assert "error: the server does not run under mlx.launch yet" in done.stderr
+
+
 def test_random_seed_is_shared(tmp_path):
     """Without a seed each process would draw its own noise; process 0's is used by all."""
     from mlx_diffgemma.tokenizer import load_tokenizer

@@ -6,7 +6,7 @@ import logging
 import re
 import sys
 
-from .. import cli
+from .. import cli, distributed
 from ..image_prompts import image_reader
 from ..server import Config, Conversations, Settings, Worker, make_server
 from ..server.images import MAX_IMAGE_BYTES, MAX_IMAGES, ImagePolicy, request_bytes_for
@@ -180,6 +180,9 @@ def is_local(host: str) -> bool:
 
 def run_server(args) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    if distributed.init().size() > 1:
+        # Each process would serve HTTP on its own and schedule its own requests.
+        raise ValueError("the server does not run under mlx.launch yet: start it as one process (docs/distributed.md)")
     if args.queue_size < 0 or args.prompt_cache_size < 0:
         raise ValueError("--queue-size and --prompt-cache-size must be >= 0")
     if not 0 <= args.port < 65536:
