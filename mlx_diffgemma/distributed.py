@@ -25,10 +25,11 @@ reads the terminal and serves HTTP; ``broadcast_text`` hands what it read
 to the rest.
 """
 
+import pickle
 import re
 import secrets
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -96,20 +97,30 @@ def stage_layers(
 
 
 def pipeline(model: nn.Module, group: mx.distributed.Group, split: Optional[Sequence[int]] = None) -> Stage:
-    """Keep only this process's stage of ``model``'s layers (before its weights are read)."""
+    """Keep only this process's stage of ``model``'s layers (before its weights
+    are read). Only the first stage reads images: the others take their input
+    from the stage before, so they keep no vision tower."""
     start, stop = stage_layers(len(model.layers), group, split)
     model.layers = model.layers[start:stop]
+    if group.rank() > 0:
+        for tower in VISION_MODULES:
+            if tower in model:
+                delattr(model, tower)
     model.__dict__.pop("sliding_layers", None)  # a cached property of the old stack
     model.stage = Stage(group, group.rank(), group.size(), start, stop)
     return model.stage
 
 
 _LAYER = re.compile(r"^layers\.(\d+)\.")
+VISION_MODULES = ("vision_tower", "embed_vision")
 
 
 def stage_name(name: str, stage: Stage) -> Optional[str]:
     """A checkpoint tensor's (sanitized) name in the stage's model: its own
-    layers are numbered from 0; another stage's layer has none."""
+    layers are numbered from 0; another stage's layer has none, nor, on a
+    stage after the first, the vision tower's tensors."""
+    if stage.rank > 0 and name.split(".", 1)[0] in VISION_MODULES:
+        return None
     m = _LAYER.match(name)
     if m is None:
         return name
@@ -247,12 +258,21 @@ def broadcast_bytes(data: Optional[bytes], group: Optional[mx.distributed.Group]
     size = mx.distributed.all_sum(size, group=group, stream=mx.cpu).item()
     if size == 0:
         return b""
-    if primary:
-        values = mx.array(np.frombuffer(data, dtype=np.uint8).astype(np.int32))
-    else:
-        values = mx.zeros((size,), dtype=mx.int32)
+    # The others add zeros: the sum is process 0's bytes.
+    values = mx.array(np.frombuffer(data, dtype=np.uint8)) if primary else mx.zeros((size,), dtype=mx.uint8)
     values = mx.distributed.all_sum(values, group=group, stream=mx.cpu)
-    return bytes(np.array(values).astype(np.uint8))
+    return bytes(np.array(values))
+
+
+def broadcast_object(value: Any = None, group: Optional[mx.distributed.Group] = None) -> Any:
+    """Process 0's ``value`` (anything pickle takes) on every process; the
+    others pass nothing. The bytes are process 0's own ``pickle.dumps`` of its
+    own objects, read only by processes of the group it launched with."""
+    group = group or init()
+    if group.size() == 1:
+        return value
+    data = broadcast_bytes(pickle.dumps(value) if group.rank() == 0 else None, group)
+    return pickle.loads(data)
 
 
 def broadcast_text(text: Optional[str], group: Optional[mx.distributed.Group] = None) -> Optional[str]:

@@ -425,6 +425,11 @@ class Model(nn.Module):
     def encode_image(self, pixels: mx.array, positions: mx.array, grid: Tuple[int, int]) -> mx.array:
         """One image's patches (``images.ProcessedImage``) -> its soft tokens
         in the text model's embedding space [P / 9, hidden]."""
+        if self.args.vision is not None and self.stage is not None and self.stage.rank > 0:
+            # A later pipeline stage reads the stage before's output, not these
+            # features (it keeps no tower): only their number matters here.
+            k = self.args.vision.pooling_kernel_size
+            return mx.zeros((pixels.shape[0] // k**2, self.args.hidden_size), self.dtype)
         if self.args.vision is None or "vision_tower" not in self:
             raise ValueError(f"{self.path or 'this model'} has no vision tower: it reads text only")
         return self.embed_vision(self.vision_tower(pixels, positions, grid))

@@ -48,8 +48,11 @@ def is_hub_id(name: str) -> bool:
     return name.count("/") == 1 and not name.startswith((".", "/", "~"))
 
 
-def get_model_path(path_or_repo: str, revision: Optional[str] = None) -> Path:
-    """A local directory as is, or a Hub repo downloaded with huggingface_hub."""
+def get_model_path(
+    path_or_repo: str, revision: Optional[str] = None, pipeline_group: Optional[mx.distributed.Group] = None
+) -> Path:
+    """A local directory as is, or a Hub repo downloaded with huggingface_hub
+    (with ``pipeline_group``, only the shards this process's stage reads)."""
     path = Path(path_or_repo).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -65,13 +68,44 @@ def get_model_path(path_or_repo: str, revision: Optional[str] = None) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(path_or_repo, revision=revision, allow_patterns=_HUB_PATTERNS))
+        if pipeline_group is None or pipeline_group.size() == 1:
+            return Path(snapshot_download(path_or_repo, revision=revision, allow_patterns=_HUB_PATTERNS))
+        # The config and the index first: they say which shards hold the stage's tensors.
+        others = [p for p in _HUB_PATTERNS if p != "*.safetensors"]
+        meta = Path(snapshot_download(path_or_repo, revision=revision, allow_patterns=others))
+        shards = stage_shards(meta, pipeline_group)
+        patterns = _HUB_PATTERNS if shards is None else others + shards
+        return Path(snapshot_download(path_or_repo, revision=revision, allow_patterns=patterns))
+    except LoadError:
+        raise
     except Exception as e:  # network, auth, missing repo: one line for the user
         raise LoadError(
             f"{path_or_repo}: cannot download it from the Hugging Face Hub ({type(e).__name__}): the Hub "
             "could not be reached, or has no such repo for this account; to use a model on this machine, "
             "pass its directory instead (a path such as ./diffusiongemma-26B-A4B-it)"
         ) from e
+
+
+def stage_shards(model_path: Path, group: mx.distributed.Group) -> Optional[List[str]]:
+    """The shard files holding the tensors this process's pipeline stage reads,
+    from the checkpoint's index (None without an index: one file, read whole)."""
+    index_file = model_path / "model.safetensors.index.json"
+    if not index_file.exists():
+        return None
+    weight_map = _weight_map(index_file)
+    try:
+        args = ModelArgs.from_dict(load_config(model_path), source=str(model_path / "config.json"))
+    except ConfigError as e:
+        raise LoadError(str(e)) from e
+    start, stop = distributed.stage_layers(args.num_hidden_layers, group)
+    stage = distributed.Stage(group, group.rank(), group.size(), start, stop)
+    return sorted(
+        {
+            str(file)
+            for name, file in weight_map.items()
+            if any(distributed.stage_name(new, stage) is not None for new in rename(name))
+        }
+    )
 
 
 def load_config(model_path: Path) -> dict:
@@ -91,14 +125,13 @@ def read_json(path: Path):
         raise LoadError(f"{path}: not valid JSON ({e})") from None
 
 
-def shard_files(model_path: Path) -> list:
+def shard_files(model_path: Path, only: Optional[List[str]] = None) -> list:
+    """The checkpoint's shard files (``only``: those of these names the index lists)."""
     index_file = model_path / "model.safetensors.index.json"
     if index_file.exists():
-        index = read_json(index_file)
-        weight_map = index.get("weight_map") if isinstance(index, dict) else None
-        if not isinstance(weight_map, dict):
-            raise LoadError(f"{index_file}: not a safetensors index (no weight_map)")
-        shards = [model_path / name for name in sorted(set(weight_map.values()))]
+        weight_map = _weight_map(index_file)
+        names = sorted(set(weight_map.values()))
+        shards = [model_path / name for name in names if only is None or name in only]
         for shard in shards:
             if not shard.exists():
                 raise LoadError(f"{shard}: missing (listed in {index_file.name})")
@@ -109,11 +142,19 @@ def shard_files(model_path: Path) -> list:
     return shards
 
 
-def load_safetensors(model_path: Path) -> Tuple[Dict[str, mx.array], Dict[str, Path]]:
-    """All tensors of a checkpoint, lazily (nothing is read before it is
-    used), and the shard each came from."""
+def _weight_map(index_file: Path) -> dict:
+    index = read_json(index_file)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise LoadError(f"{index_file}: not a safetensors index (no weight_map)")
+    return weight_map
+
+
+def load_safetensors(model_path: Path, only: Optional[List[str]] = None) -> Tuple[Dict[str, mx.array], Dict[str, Path]]:
+    """All tensors of a checkpoint (``only``: of those shards), lazily
+    (nothing is read before it is used), and the shard each came from."""
     weights, files = {}, {}
-    for shard in shard_files(model_path):
+    for shard in shard_files(model_path, only):
         try:
             tensors = mx.load(str(shard))
         except Exception as e:
@@ -127,7 +168,7 @@ def load_safetensors(model_path: Path) -> Tuple[Dict[str, mx.array], Dict[str, P
 _DECODER = "model.decoder."
 _ENCODER_SCALAR = re.compile(r"model\.encoder\.language_model\.layers\.(\d+)\.layer_scalar$")
 _VISION = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
-VISION_MODULES = ("vision_tower.", "embed_vision.")  # ours
+VISION_MODULES = tuple(m + "." for m in distributed.VISION_MODULES)  # ours
 # Experts as Hugging Face stores them (fused gate/up, no ".weight") and as
 # mlx-vlm stores them (the same names with ".weight", ".scales", ".biases").
 _FUSED_EXPERTS = re.compile(r"(.*\.experts\.)(gate_up_proj|down_proj)(\.weight|\.scales|\.biases)?$")
@@ -302,13 +343,15 @@ def load_model(
         args = ModelArgs.from_dict(config, source=str(model_path / "config.json"))
     except ConfigError as e:
         raise LoadError(str(e)) from e
-    tensors, files = load_safetensors(model_path)
+    pipelined = pipeline_group is not None and pipeline_group.size() > 1
+    # A pipeline stage opens only the shards holding its tensors (all it may have downloaded).
+    tensors, files = load_safetensors(model_path, stage_shards(model_path, pipeline_group) if pipelined else None)
     weights, origin = sanitize(tensors)
     if args.vision is not None and not has_vision_weights(weights):
         logger.info("%s: no vision-tower weights; the model reads text only.", model_path)
         args.vision = None
     model = Model(args)
-    if pipeline_group is not None and pipeline_group.size() > 1:
+    if pipelined:
         stage = distributed.pipeline(model, pipeline_group)
         names = {name: distributed.stage_name(name, stage) for name in weights}
         # Other stages' layers are left out: never read.
@@ -364,7 +407,7 @@ def load(
     ``mlx_diffgemma.lora`` to apply. ``tokenizer`` is None when the
     checkpoint carries no tokenizer files.
     """
-    model_path = get_model_path(path_or_repo, revision)
+    model_path = get_model_path(path_or_repo, revision, pipeline_group)
     model = load_model(model_path, lazy=lazy, pipeline_group=pipeline_group, tensor_group=tensor_group)
     if adapter_path is not None:
         if model.stage is not None or model.tensor_group is not None:

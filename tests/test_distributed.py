@@ -8,16 +8,23 @@ alone, in this process: partial products of sliced layers sum to the whole.
 """
 
 import json
+import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import threading
+import urllib.request
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from distributed_run import forward
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+from openai import OpenAI
 from reference import build_test_checkpoint
 
 from mlx_diffgemma import distributed, load
@@ -35,10 +42,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+LAUNCHER = [sys.executable, "-c", "import sys; from mlx._distributed_utils.launch import main; sys.exit(main())"]
+
+
 def launch(*command, stdin: str = "", timeout: int = 300) -> subprocess.CompletedProcess:
     """``mlx.launch --backend ring -n 2 <command>``: two local processes."""
-    launcher = [sys.executable, "-c", "import sys; from mlx._distributed_utils.launch import main; sys.exit(main())"]
-    args = launcher + ["--backend", "ring", "-n", "2", "--starting-port", str(free_port()), *map(str, command)]
+    args = LAUNCHER + ["--backend", "ring", "-n", "2", "--starting-port", str(free_port()), *map(str, command)]
     return subprocess.run(args, input=stdin, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
@@ -47,7 +56,8 @@ def run_job(model: Path, split: str, job: dict, tmp_path: Path):
     (tmp_path / "job.json").write_text(json.dumps(job))
     out = tmp_path / f"out-{split}"
     done = launch(sys.executable, RUNNER, model, out, split, tmp_path / "job.json")
-    assert done.returncode == 0, done.stderr[-3000:]
+    # mlx.launch exits 0 whatever its processes do: each must have written its result.
+    assert done.returncode == 0 and all(Path(f"{out}-{rank}.json").exists() for rank in range(2)), done.stderr[-3000:]
     return [json.loads(Path(f"{out}-{rank}.json").read_text()) for rank in range(2)]
 
 
@@ -73,7 +83,8 @@ def one_process(model_path, job):
     for g in job["generate"]:
         batch = isinstance(g["prompt"][0], list)
         rows = [[] for _ in range(len(g["prompt"]) if batch else 1)]
-        for r in stream_generate(model, tokenizer, g["prompt"], g["max_tokens"], seed=g["seed"]):
+        kw = dict(seed=g["seed"], images=g.get("images"))
+        for r in stream_generate(model, tokenizer, g["prompt"], g["max_tokens"], **kw):
             rows[r.row] += r.token_ids
         out.append(rows)
     return out
@@ -129,6 +140,37 @@ def test_hidden_states_and_logits_match(split, random_checkpoint, tmp_path):
         assert ranks[0]["forward"] == ranks[1]["forward"]
 
 
+@pytest.fixture(scope="module")
+def vision_checkpoint(tmp_path_factory):
+    """The tiny checkpoint with a vision tower, and two pictures."""
+    from vision_checkpoint import picture, png, write_vision_checkpoint
+
+    path = tmp_path_factory.mktemp("vision")
+    write_vision_checkpoint(path)
+    for i in range(2):
+        (path / f"p{i}.png").write_bytes(png(picture(i)))
+    return path
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_images_on_a_split_model(split, vision_checkpoint, tmp_path):
+    """A prompt with images gives one process's tokens; in the pipeline only
+    the first stage holds (and runs) the vision tower."""
+    pictures = [str(vision_checkpoint / "p0.png"), str(vision_checkpoint / "p1.png")]
+    prompt = dict(prompt="<|image|> and <|image|>: two pictures of", images=pictures)
+    job = dict(forward=[prompt], generate=[dict(prompt, seed=3, max_tokens=48)])
+    ranks = run_job(vision_checkpoint, split, job, tmp_path)
+    assert [r["vision"] for r in ranks] == ([True, False] if split == "pipeline" else [True, True])
+    model, tokenizer = load(str(vision_checkpoint))
+    want = forward(model, tokenizer, prompt)
+    for result in ranks:
+        for what in ("hidden", "logits"):
+            np.testing.assert_allclose(np.array(result["forward"][0][what]), np.array(want[what]), atol=1e-4, rtol=1e-4)
+    if split == "pipeline":  # the same sums in the same order: the same tokens (random weights are chaotic)
+        want = one_process(vision_checkpoint, job)
+        assert [r["generate"] for r in ranks] == [want, want]
+
+
 def _cli(module, *args, stdin=""):
     single = subprocess.run(
         [sys.executable, "-m", module, *map(str, args)], input=stdin, capture_output=True, text=True, cwd=ROOT
@@ -155,9 +197,103 @@ def test_generate_prompt_from_stdin_refused():
     assert "error: '-' (read stdin to its end) does not work under mlx.launch" in done.stderr
 
 
-def test_server_refused_under_launch():
-    done = launch(sys.executable, "-m", "mlx_diffgemma.server", "--model", SHIFT, "--port", "0", timeout=120)
-    assert "error: the server does not run under mlx.launch yet" in done.stderr
+def serve(prefix=(), args=()):
+    """``PREFIX python -m mlx_diffgemma.server ARGS`` on the shift model, in its
+    own process group (as a terminal runs it); the process and its base URL."""
+    command = [*prefix, sys.executable, "-m", "mlx_diffgemma.server", "--model", str(SHIFT), "--port", "0"]
+    proc = subprocess.Popen(
+        command + ["--log-level", "WARNING", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    line = proc.stdout.readline()
+    match = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+    if not match:
+        proc.kill()
+        raise AssertionError(f"the server did not start: {line!r} {proc.stderr.read()[-3000:]}")
+    return proc, f"http://127.0.0.1:{match.group(1)}"
+
+
+def ctrl_c(proc) -> str:
+    """Ctrl-C to the server's process group (every process, as a terminal sends
+    it); its stderr once all have exited."""
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        return proc.communicate(timeout=60)[1]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError("the server's processes did not stop on Ctrl-C") from None
+
+
+def client_session(url: str) -> dict:
+    """What real clients get: concurrent chats (streamed and not, sharing a
+    batch), a stream abandoned after its first chunk, a conversation's next
+    turn (from the prompt cache), a completion with a suffix and an /infill."""
+    client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+    prompts = ["shift 1: hello world", "shift 2: abc xyz", "shift 3: the quick brown fox"]
+    answers = {}
+
+    def chat(i):
+        kw = dict(model="default_model", max_tokens=64, seed=i, stream=i != 1)
+        reply = client.chat.completions.create(messages=[{"role": "user", "content": prompts[i]}], **kw)
+        if i == 1:
+            answers[i] = reply.choices[0].message.content
+        else:
+            answers[i] = "".join(c.choices[0].delta.content or "" for c in reply if c.choices)
+
+    threads = [threading.Thread(target=chat, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    gone = client.chat.completions.create(
+        model="default_model", messages=[{"role": "user", "content": "shift 2: gone"}], max_tokens=512, stream=True
+    )
+    next(iter(gone))
+    gone.close()
+    turn = [{"role": "user", "content": prompts[1]}, {"role": "assistant", "content": answers[1]}]
+    turn.append({"role": "user", "content": "shift 1: again"})
+    second = client.chat.completions.create(model="default_model", messages=turn, max_tokens=32, seed=5)
+    answers["turn"] = second.choices[0].message.content
+    answers["cached"] = second.usage.prompt_tokens_details.cached_tokens
+    text = client.completions.create(model="default_model", prompt="shift 1: ab", suffix=" cd", max_tokens=32, seed=3)
+    answers["suffix"] = text.choices[0].text
+    body = json.dumps({"input_prefix": "shift 1: ab", "input_suffix": " ef", "n_predict": 16, "seed": 2}).encode()
+    request = urllib.request.Request(url + "/infill", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=300) as reply:
+        answers["infill"] = json.loads(reply.read())["content"]
+    return answers
+
+
+@pytest.fixture(scope="module")
+def one_server_session():
+    proc, url = serve()
+    try:
+        answers = client_session(url)
+    finally:
+        ctrl_c(proc)
+    assert all(answers[i] for i in range(3)) and answers["infill"]
+    assert answers["cached"] > 0  # the second turn continued the first's cache
+    return answers
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_server_under_launch(split, one_server_session):
+    """Process 0 serves and the other mirrors its every step: real clients get
+    what one process's server gives them, and Ctrl-C stops every process."""
+    launcher = [*LAUNCHER, "--backend", "ring", "-n", "2", "--starting-port", str(free_port())]
+    proc, url = serve(launcher, ["--pipeline"] if split == "pipeline" else [])
+    try:
+        got = client_session(url)
+    finally:
+        stderr = ctrl_c(proc)
+    # mlx.launch warns of each process that exits with an error: only
+    # process 0, with Ctrl-C's 130; the other stopped when process 0 told it to.
+    assert "Node with rank 1" not in stderr, stderr[-3000:]
+    assert got == one_server_session
 
 
 def test_random_seed_is_shared(tmp_path):

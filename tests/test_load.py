@@ -197,6 +197,52 @@ def test_hub_id_is_downloaded_with_huggingface_hub(sharded, monkeypatch):
     assert len(model.layers) == 5
 
 
+class StageOf:
+    """What a pipeline stage asks of its group before any exchange: rank and size."""
+
+    def __init__(self, rank, size):
+        self._rank, self._size = rank, size
+
+    def rank(self):
+        return self._rank
+
+    def size(self):
+        return self._size
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_pipeline_stage_downloads_only_its_shards(sharded, tmp_path, monkeypatch, rank):
+    """Each process of a pipeline fetches the config and index, then only the
+    shards holding its stage's tensors: and those are all it needs to load."""
+    import fnmatch
+
+    import huggingface_hub
+
+    calls = []
+
+    def fake_download(repo_id, revision=None, allow_patterns=None):
+        # A snapshot holding only what was asked for, as the Hub's would.
+        calls.append(allow_patterns)
+        out = tmp_path / f"snapshot{len(calls)}"
+        out.mkdir()
+        for f in sharded.iterdir():
+            if any(fnmatch.fnmatch(f.name, p) for p in allow_patterns):
+                shutil.copy(f, out / f.name)
+        return str(out)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    model, _ = load("google/diffusiongemma-26B-A4B-it", pipeline_group=StageOf(rank, 2))
+    assert len(calls) == 2 and not any(p.endswith(".safetensors") for p in calls[0])
+    fetched = {p for p in calls[1] if p.endswith(".safetensors")}
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]
+    layers = range(0, 3) if rank == 0 else range(3, 5)  # 5 layers: 3 + 2
+    needed = {f for name, f in index.items() if any(f"layers.{i}." in name for i in layers)}
+    assert needed <= fetched
+    if rank == 1:  # the first shards hold the first layers and the vision tower: not its own
+        assert fetched < set(index.values())
+    assert model.stage.start == layers.start and len(model.layers) == len(layers)
+
+
 def test_hub_failure_is_one_line(monkeypatch):
     import huggingface_hub
 

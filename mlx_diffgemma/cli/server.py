@@ -4,6 +4,7 @@ import argparse
 import ipaddress
 import logging
 import re
+import signal
 import sys
 
 from .. import cli, distributed
@@ -55,6 +56,7 @@ def setup_arg_parser():
         "where the canvas visibly denoises.",
     )
     cli.add_model_arguments(parser)
+    cli.add_distributed_argument(parser)
     parser.add_argument("--host", default="127.0.0.1", help="Address to bind (default: 127.0.0.1, this machine only).")
     parser.add_argument("--port", type=int, default=8080, help="Port to listen on (default: 8080; 0 picks a free one).")
     cli.add_max_tokens_argument(parser, DEFAULT_MAX_TOKENS, "Most tokens per answer when a request names none")
@@ -180,9 +182,7 @@ def is_local(host: str) -> bool:
 
 def run_server(args) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    if distributed.init().size() > 1:
-        # Each process would serve HTTP on its own and schedule its own requests.
-        raise ValueError("the server does not run under mlx.launch yet: start it as one process (docs/distributed.md)")
+    group = distributed.init()
     if args.queue_size < 0 or args.prompt_cache_size < 0:
         raise ValueError("--queue-size and --prompt-cache-size must be >= 0")
     if not 0 <= args.port < 65536:
@@ -191,11 +191,26 @@ def run_server(args) -> int:
 
     images = ImagePolicy(args.allow_image_urls, args.allow_image_files, args.max_images, args.max_image_bytes)
     worker = Worker(
-        lambda: cli.load_for_generation(args.model, args.adapter_path),
+        lambda: cli.load_for_generation(args.model, args.adapter_path, args.pipeline),
         Settings(args.model, args.max_concurrency, args.queue_size, sampler, images, args.max_batch_size),
         Conversations(args.prompt_cache_size, args.prompt_cache_bytes),
+        group,
     )
     worker.start()
+    if not distributed.is_primary(group):
+        # Process 0 serves; this one runs the same steps on its share. Ctrl-C
+        # reaches every process: process 0's stops this one's worker with its own.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        worker.join()
+        return 0
+    try:
+        return serve(args, worker, images)
+    finally:
+        worker.stop()  # under mlx.launch, the other processes' workers too
+
+
+def serve(args, worker: Worker, images: ImagePolicy) -> int:
+    """Serve HTTP until Ctrl-C (process 0 alone, under mlx.launch)."""
     try:
         image_reader(worker.model)
         reads_images = True

@@ -8,12 +8,14 @@ over and encodes only the rest (``chat.continuation``, the rule ``chat`` uses),
 if the images it holds are the request's first images (``ChatCache.images``).
 A cache serves one request at a time: it leaves the store while in use.
 Least recently stored caches go first when there are more than ``max_entries``
-or their arrays hold more than ``max_bytes``.
+or their arrays hold more than ``max_bytes``. Under mlx.launch each process
+holds its share of every cache; process 0's count of caches to drop is every
+process's (``agree``), so all keep the same conversations.
 """
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from ..chat import ChatCache, continuation
 
@@ -29,6 +31,8 @@ class Conversations:
         self.max_entries, self.max_bytes = max_entries, max_bytes
         self.entries: "OrderedDict[int, Conversation]" = OrderedDict()
         self._next = 0
+        # Under mlx.launch, process 0's decision on every process (the worker sets it).
+        self.agree: Callable[[Any], Any] = lambda value: value
 
     @property
     def nbytes(self) -> int:
@@ -59,7 +63,11 @@ class Conversations:
             return
         self.entries[self._next] = Conversation(rendered, chat_cache)
         self._next += 1
-        while len(self.entries) > self.max_entries or (
-            self.max_bytes is not None and self.entries and self.nbytes > self.max_bytes
+        sizes = [e.chat_cache.cache.nbytes for e in self.entries.values()]  # oldest first
+        drop = 0
+        while len(sizes) - drop > self.max_entries or (
+            self.max_bytes is not None and drop < len(sizes) and sum(sizes[drop:]) > self.max_bytes
         ):
+            drop += 1
+        for _ in range(self.agree(drop)):
             self.entries.popitem(last=False)

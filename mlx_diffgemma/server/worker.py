@@ -28,6 +28,14 @@ arrives joins its batch's next canvas. A request whose client went away
 (``cancel``) is dropped before its next step, or, in a batch where others
 still run, at the canvas' end. Beyond ``max_concurrency`` running and
 ``queue_size`` waiting, ``submit`` refuses with 503 and ``Retry-After``.
+
+Under mlx.launch every process runs this worker on its share of the model,
+step for step alike; only process 0 serves HTTP. What its loop decides from
+outside the model, process 0 decides for all (``distributed.broadcast_object``):
+which request starts (the prepared request itself goes to the others, as a
+``MirroredJob`` that answers no one), which clients went away, which
+conversations the prompt cache drops, and when to stop. Everything else
+follows from the same requests and the same tokens.
 """
 
 import itertools
@@ -40,6 +48,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, Optional
 
+from .. import distributed
 from ..batch import Batch, BatchRow
 from ..chat import ChatCache, commit_answer
 from ..chat_template import render
@@ -59,6 +68,8 @@ INPUT_ERRORS = (APIError, ValueError, TypeError)
 # A request may ask for this many self-conditioning candidates even when the
 # server's default is fewer; a vocabulary-sized gather per step is what is bounded.
 TOP_K_ALLOWANCE = 64
+# How often an idle worker looks whether it was asked to stop (seconds).
+IDLE_POLL = 0.5
 
 
 def input_error(e: Exception) -> APIError:
@@ -83,6 +94,21 @@ class Job:
         self.events.put((kind, payload))
 
 
+class MirroredJob(Job):
+    """Process 0's request on another process of an mlx.launch group: it runs
+    the same steps on this process's share of the model and answers no one."""
+
+    def send(self, kind: str, payload: Any = None):
+        pass
+
+
+class Stopped(Exception):
+    """The worker was asked to stop (``Worker.stop``)."""
+
+
+STOP = object()  # what the worker takes instead of a job once asked to stop
+
+
 @dataclass
 class Settings:
     model_id: str
@@ -97,14 +123,26 @@ class Worker:
     """Loads the model on its own thread (MLX streams belong to the thread that
     made them) and runs every request there."""
 
-    def __init__(self, load: Callable[[], tuple], settings: Settings, conversations: Conversations):
+    def __init__(
+        self,
+        load: Callable[[], tuple],
+        settings: Settings,
+        conversations: Conversations,
+        group: Optional[Any] = None,
+    ):
         self.load, self.settings, self.conversations = load, settings, conversations
+        # The mlx.launch group whose processes run this worker alike (None or one process: alone).
+        self.group = group if group is not None and group.size() > 1 else None
+        self.primary = self.group is None or self.group.rank() == 0
+        if self.group is not None:
+            conversations.agree = self._agree
         self.model = self.tokenizer = None
         self.sampler: Optional[SamplerParams] = None  # the server's settings, resolved against the checkpoint
         self.pending: "queue.Queue[Job]" = queue.Queue(maxsize=settings.queue_size)
         self.turns: "deque[Any]" = deque()  # JobTurn and BatchTurn, in the order they run
         self.thread = threading.Thread(target=self._main, name="mlx-worker", daemon=True)
         self._ready = threading.Event()
+        self._stopping = threading.Event()
         self._load_error: Optional[BaseException] = None
 
     def start(self):
@@ -113,6 +151,20 @@ class Worker:
         self._ready.wait()
         if self._load_error is not None:
             raise self._load_error
+
+    def stop(self, timeout: float = 10.0):
+        """Under mlx.launch, stop every process's worker once its current step
+        is done; wait up to ``timeout`` seconds. Alone there is no one to
+        tell: the worker's thread ends with the process."""
+        if self.group is None:
+            return
+        self._stopping.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout)
+
+    def join(self):
+        """Wait until the worker stops: what processes other than 0 do while process 0 serves."""
+        self.thread.join()
 
     def _main(self):
         try:
@@ -172,11 +224,59 @@ class Worker:
     def _running(self) -> int:
         return sum(turn.size for turn in self.turns)
 
+    def _agree(self, value: Any = None) -> Any:
+        """Process 0's ``value`` on every process of the group (alone: ``value``)."""
+        if self.group is None:
+            return value
+        return distributed.broadcast_object(value if self.primary else None, self.group)
+
+    def _take(self, block: bool):
+        """The next job from the queue, None if there is none and ``block`` is
+        false, or STOP once asked to stop (under mlx.launch)."""
+        if self.group is None:
+            # Blocking for good: a daemon thread that wakes while the process
+            # exits is ended mid-call, and the process aborts (seen with a poll).
+            try:
+                return self.pending.get(block=block)
+            except queue.Empty:
+                return None
+        while not self._stopping.is_set():
+            try:
+                return self.pending.get(timeout=IDLE_POLL) if block else self.pending.get_nowait()
+            except queue.Empty:
+                if not block:
+                    return None
+        return STOP
+
+    def _next_job(self, block: bool) -> Optional[Job]:
+        """The next request to start: process 0's, whose request (prepared:
+        tokenized, images decoded) every other process mirrors."""
+        job = self._take(block) if self.primary else None
+        if self.group is not None:
+            message = None if job is None else "stop" if job is STOP else (job.request, job.cancelled.is_set())
+            message = self._agree(message)
+            if not self.primary:
+                job = None if message is None else STOP if message == "stop" else MirroredJob(message[0])
+                if isinstance(message, tuple) and message[1]:
+                    job.cancel()
+        if job is STOP:
+            raise Stopped
+        return job
+
+    def _agree_on_cancelled(self, turn):
+        """The turn's jobs whose client went away, as process 0 saw them, on every process."""
+        if self.group is None:
+            return
+        jobs = turn.jobs()
+        flags = self._agree([job.cancelled.is_set() for job in jobs])
+        for job, cancelled in zip(jobs, flags):
+            if cancelled:
+                job.cancel()
+
     def _admit(self):
         while self._running() < self.settings.max_concurrency:
-            try:
-                job = self.pending.get(block=not self.turns)
-            except queue.Empty:
+            job = self._next_job(block=not self.turns)
+            if job is None:
                 return
             if job.cancelled.is_set():
                 job.send("end")
@@ -219,10 +319,14 @@ class Worker:
 
     def _loop(self):
         while True:
-            self._admit()
+            try:
+                self._admit()
+            except Stopped:
+                return
             turn = self.turns.popleft()
             try:
                 while True:
+                    self._agree_on_cancelled(turn)
                     if turn.drop_cancelled():
                         break
                     if next(turn.steps):  # a canvas was committed: the next turn's
@@ -437,6 +541,9 @@ class JobTurn:
     def __init__(self, job: Job, steps: Iterator[bool]):
         self.job, self.steps = job, steps
 
+    def jobs(self) -> "list[Job]":
+        return [self.job]
+
     def drop_cancelled(self) -> bool:
         """True when the job's client went away: it is dropped."""
         if not self.job.cancelled.is_set():
@@ -465,6 +572,9 @@ class BatchTurn:
 
     def _rows(self) -> "list[BatchRow]":
         return [row for row in self.batch.rows + self.batch.joining if not row.done]
+
+    def jobs(self) -> "list[Job]":
+        return [row.tag.job for row in self._rows()]
 
     def drop_cancelled(self) -> bool:
         """Rows whose client went away leave the batch (at the canvas' end,
