@@ -355,7 +355,10 @@ def test_stages():
     assert distributed.stage_name("layers.17.mlp.up_proj.weight", stage) == "layers.2.mlp.up_proj.weight"
     assert distributed.stage_name("layers.3.mlp.up_proj.weight", stage) is None
     assert distributed.stage_name("embed_tokens.weight", stage) == "embed_tokens.weight"
-    assert distributed.stage_name("vision_tower.encoder.layers.3.mlp.weight", stage).startswith("vision_tower")
+    # Only the first stage keeps the vision tower (its layers are not the stack's).
+    tower = "vision_tower.encoder.layers.3.mlp.weight"
+    assert distributed.stage_name(tower, stage) is None
+    assert distributed.stage_name(tower, distributed.Stage(None, 0, 2, 0, 15)) == tower
 
 
 def _layer(kind):

@@ -63,7 +63,8 @@ class Conversations:
             return
         self.entries[self._next] = Conversation(rendered, chat_cache)
         self._next += 1
-        sizes = [e.chat_cache.cache.nbytes for e in self.entries.values()]  # oldest first
+        # Oldest first; sizes only when bounded (a cache is read only then).
+        sizes = [0 if self.max_bytes is None else e.chat_cache.cache.nbytes for e in self.entries.values()]
         drop = 0
         while len(sizes) - drop > self.max_entries or (
             self.max_bytes is not None and drop < len(sizes) and sum(sizes[drop:]) > self.max_bytes

@@ -85,7 +85,11 @@ class Job:
     def __init__(self, request: Request):
         self.request = request
         self.events: "queue.Queue[tuple]" = queue.Queue()
-        self.cancelled = threading.Event()
+        self.cancelled = threading.Event()  # set by the HTTP thread when the client goes away
+        # The worker's view of ``cancelled``, read at agreed points only: under
+        # mlx.launch the HTTP thread may set ``cancelled`` after process 0 told
+        # the others, and every process must drop the job at the same step.
+        self.gone = False
 
     def cancel(self):
         self.cancelled.set()
@@ -257,28 +261,28 @@ class Worker:
             message = self._agree(message)
             if not self.primary:
                 job = None if message is None else STOP if message == "stop" else MirroredJob(message[0])
-                if isinstance(message, tuple) and message[1]:
-                    job.cancel()
+            if isinstance(message, tuple):
+                job.gone = message[1]
+        elif isinstance(job, Job):
+            job.gone = job.cancelled.is_set()
         if job is STOP:
             raise Stopped
         return job
 
     def _agree_on_cancelled(self, turn):
-        """The turn's jobs whose client went away, as process 0 saw them, on every process."""
-        if self.group is None:
-            return
+        """The turn's jobs whose client went away (``Job.gone``), as process 0
+        saw them, on every process."""
         jobs = turn.jobs()
         flags = self._agree([job.cancelled.is_set() for job in jobs])
-        for job, cancelled in zip(jobs, flags):
-            if cancelled:
-                job.cancel()
+        for job, gone in zip(jobs, flags):
+            job.gone = gone
 
     def _admit(self):
         while self._running() < self.settings.max_concurrency:
             job = self._next_job(block=not self.turns)
             if job is None:
                 return
-            if job.cancelled.is_set():
+            if job.gone:
                 job.send("end")
                 continue
             if self._batches(job.request):
@@ -546,7 +550,7 @@ class JobTurn:
 
     def drop_cancelled(self) -> bool:
         """True when the job's client went away: it is dropped."""
-        if not self.job.cancelled.is_set():
+        if not self.job.gone:
             return False
         self.steps.close()
         self.job.send("end")
@@ -580,7 +584,7 @@ class BatchTurn:
         """Rows whose client went away leave the batch (at the canvas' end,
         or at once when no other row runs); False: the batch goes on."""
         for row in self._rows():
-            if row.tag.job.cancelled.is_set():
+            if row.tag.job.gone:
                 self.batch.cancel(row)
                 row.tag.job.send("end")
         return False
